@@ -1,0 +1,40 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both install what they need.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+DEMO ?= runs/demo
+
+.PHONY: install install-dev demo test test-fast bench lint data clean
+
+# torch is installed only when missing, so a CUDA build you already have is kept.
+# (torch==2.13.0 is the CPU wheel this project is developed and tested with.)
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e .
+
+install-dev:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+
+# The whole pipeline on the built-in tiny model and medical dataset, on whatever device you have.
+demo: install
+	bash scripts/demo.sh $(DEMO)
+
+test: install-dev
+	$(PYTHON) -m pytest -q tests
+
+# Everything but the slow end-to-end runs of the real scripts.
+test-fast: install-dev
+	$(PYTHON) -m pytest -q -m "not slow" tests
+
+bench: install-dev
+	$(PYTHON) bench/run.py
+
+lint: install-dev
+	$(PYTHON) -m ruff check .
+
+# Regenerate the built-in dataset (deterministic; the committed files are its output).
+data:
+	$(PYTHON) data/demo/make_demo.py
+
+clean:
+	rm -rf runs

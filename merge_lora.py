@@ -1,0 +1,68 @@
+"""Fold a LoRA adapter into its base model: W <- W + (alpha/r) B A, then save a plain model.
+
+    python merge_lora.py --base runs/pt --adapter runs/sft --output_dir runs/sft-merged
+
+The result is an ordinary transformers directory (safetensors + tokenizer) that the next stage,
+AutoModelForCausalLM, or AutoModelForSequenceClassification (for a reward model) loads. The
+adapter's task_type says which: CAUSAL_LM for PT/SFT/PPO, SEQ_CLS for a reward model (whose
+trained score head is saved in the adapter and restored here).
+"""
+
+import argparse
+import json
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from nanorlhf import train_utils as tu
+from nanorlhf.errors import UserError, run_main
+from nanorlhf.lora import load_adapter, merge_lora
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="the base model directory the adapter was trained on")
+    parser.add_argument("--adapter", required=True, help="a PEFT-format LoRA adapter directory")
+    parser.add_argument("--output_dir", required=True, help="where the merged model goes")
+    parser.add_argument("--dtype", default="auto", help="auto (the base's own) | float32 | bfloat16 | float16")
+    args = parser.parse_args()
+
+    config_path = os.path.join(args.adapter, "adapter_config.json")
+    if not os.path.isfile(config_path):
+        raise UserError(f"{args.adapter}: not an adapter directory (no adapter_config.json)")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            task_type = json.load(f).get("task_type", "CAUSAL_LM")
+    except json.JSONDecodeError as e:
+        raise UserError(f"{config_path}: malformed JSON: {e.msg} (line {e.lineno})") from None
+    if task_type == "SEQ_CLS":
+        cls, kwargs = AutoModelForSequenceClassification, {"num_labels": 1}
+    else:
+        cls, kwargs = AutoModelForCausalLM, {}
+
+    # Merge in float32 (exact enough to match PEFT), then save in the requested dtype.
+    model = tu.load_model(args.base, cls, torch.device("cpu"), torch.float32, **kwargs)
+    dtype = model.config.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    try:
+        load_adapter(model, args.adapter)
+    except ValueError as e:
+        raise UserError(f"{args.adapter}: {e}") from None
+    merge_lora(model)
+    model.to(dtype or torch.float32)
+    tokenizer_dir = args.adapter if os.path.isfile(os.path.join(args.adapter, "tokenizer_config.json")) else args.base
+    tokenizer = tu.load_tokenizer(tokenizer_dir)
+    if task_type == "SEQ_CLS":
+        model.config.pad_token_id = tokenizer.pad_token_id  # the classifier reads the last non-pad token
+
+    def write(out_dir):
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    tu.atomic_save(args.output_dir, write)
+    tu.info(f"merged {args.adapter} into {args.base} -> {os.path.abspath(args.output_dir)}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,1 @@
+"""nanorlhf: a minimal, readable RLHF pipeline (PT, SFT, RM, PPO) in pure PyTorch."""

@@ -1,0 +1,269 @@
+"""Reading the data formats users already have, and turning them into token ids and labels.
+
+Every record keeps where it came from ("file:line"), so a bad record gets one clear line that
+names the file and the line. Chat formatting uses the tokenizer's own chat template when it has
+one, else ChatML; labels are set only on assistant turns (every one of a multi-turn dialogue).
+"""
+
+import json
+import os
+
+import torch
+
+from nanorlhf.errors import UserError
+from nanorlhf.tiny import CHATML_TEMPLATE
+
+IGNORE = -100  # label of a token that is context, not something the model should learn to say
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+         "bot": "assistant", "system": "system"}
+
+
+# ---------------------------------------------------------------- reading files
+
+def read_records(paths):
+    """Read `.txt` (one document per line), `.json` (an array) or `.jsonl` files.
+
+    `paths` is a list or a comma-separated string. Returns a list of (where, record) with where
+    = "file:line" (or "file: record N" inside a .json array); a .txt line becomes {"text": line}.
+    """
+    if isinstance(paths, str):
+        paths = [p for p in paths.split(",") if p]
+    if not paths:
+        raise UserError("no data file given (--data)")
+    out = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no such file")
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in (".txt", ".json", ".jsonl"):
+            raise UserError(f"{path}: unknown extension {ext!r} (expected .txt, .json or .jsonl)")
+        with open(path, "rb") as f:
+            raw = f.read()
+        lines = raw.split(b"\n")
+        for lineno, line in enumerate(lines, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line)") from None
+        text = raw.decode("utf-8").lstrip("\ufeff")
+        n_before = len(out)
+        if ext == ".txt":
+            out += [(f"{path}:{i}", {"text": line.rstrip("\r")}) for i, line in enumerate(text.split("\n"), 1)
+                    if line.strip()]
+        elif ext == ".jsonl":
+            for i, line in enumerate(text.split("\n"), 1):
+                if line.strip():
+                    out.append((f"{path}:{i}", _parse_json(line, f"{path}:{i}")))
+        else:
+            data = _parse_json(text, path, want_object=False)
+            if not isinstance(data, list):
+                raise UserError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
+            for i, rec in enumerate(data, 1):
+                if not isinstance(rec, dict):
+                    raise UserError(f"{path}: record {i}: expected a JSON object, got {type(rec).__name__}")
+                out.append((f"{path}: record {i}", rec))
+        if len(out) == n_before:
+            raise UserError(f"{path}: file is empty (no records)")
+    return out
+
+
+def _parse_json(text, where, want_object=True):
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: malformed JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    if want_object and not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+# ---------------------------------------------------------------- formats -> messages
+
+def _text(value, where, field):
+    if not isinstance(value, str):
+        raise UserError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _message_list(turns, where, field):
+    """sharegpt turns ({"from","value"}) or messages ({"role","content"}) -> messages."""
+    if not isinstance(turns, list):
+        raise UserError(f"{where}: field {field!r} must be a list of turns, got {type(turns).__name__}")
+    messages = []
+    for j, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict):
+            raise UserError(f"{where}: {field}[{j}] must be an object, got {type(turn).__name__}")
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if role not in ROLES:
+            raise UserError(f"{where}: {field}[{j}] has unknown role {role!r} "
+                            f"(expected one of {', '.join(sorted(ROLES))})")
+        messages.append({"role": ROLES[role], "content": _text(content, where, f"{field}[{j}] content")})
+    return messages
+
+
+def _history(rec, where):
+    """MedicalGPT/alpaca `history`: [[question, answer], ...] before the current turn."""
+    history = rec.get("history") or []
+    if not isinstance(history, list):
+        raise UserError(f"{where}: field 'history' must be a list of [question, answer] pairs")
+    messages = []
+    for j, pair in enumerate(history, 1):
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise UserError(f"{where}: history[{j}] must be a [question, answer] pair")
+        messages += [{"role": "user", "content": _text(pair[0], where, f"history[{j}]")},
+                     {"role": "assistant", "content": _text(pair[1], where, f"history[{j}]")}]
+    return messages
+
+
+def to_messages(rec, where):
+    """Detect the format of an SFT/PPO record by its fields and return its messages."""
+    system = [{"role": "system", "content": _text(rec["system"], where, "system")}] if rec.get("system") else []
+    if "messages" in rec:
+        messages = _message_list(rec["messages"], where, "messages")
+    elif "conversations" in rec:
+        messages = _message_list(rec["conversations"], where, "conversations")
+    elif "instruction" in rec:
+        user = _text(rec["instruction"], where, "instruction")
+        if rec.get("input"):
+            user += "\n" + _text(rec["input"], where, "input")
+        messages = _history(rec, where) + [{"role": "user", "content": user}]
+        if "output" in rec:
+            messages.append({"role": "assistant", "content": _text(rec["output"], where, "output")})
+    elif "prompt" in rec or "question" in rec:
+        field = "prompt" if "prompt" in rec else "question"
+        if isinstance(rec[field], list):
+            messages = _message_list(rec[field], where, field)
+        else:
+            messages = _history(rec, where) + [{"role": "user", "content": _text(rec[field], where, field)}]
+        for answer in ("response", "completion", "output"):
+            if answer in rec and isinstance(rec[answer], str):
+                messages.append({"role": "assistant", "content": rec[answer]})
+    else:
+        raise UserError(f"{where}: record of no known format (fields: {', '.join(sorted(rec)) or 'none'}; "
+                        "expected messages, conversations, instruction/output or prompt)")
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[:1], messages[1:]
+    if not messages or messages[0]["role"] != "user":
+        raise UserError(f"{where}: a dialogue must start with a user turn")
+    return system + messages
+
+
+def prompt_messages(rec, where):
+    """The prompt of a PPO record: the dialogue up to, not including, its final assistant turn."""
+    messages = to_messages(rec, where)
+    if messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    if messages[-1]["role"] != "user":
+        raise UserError(f"{where}: the prompt must end with a user turn")
+    return messages
+
+
+def to_pair(rec, where):
+    """A preference record -> (prompt messages, chosen answer, rejected answer).
+
+    Accepts MedicalGPT's system/history/question/response_chosen/response_rejected, TRL's
+    prompt/chosen/rejected, conversations + chosen + rejected, and chosen/rejected as message lists
+    (the shared prompt being every turn before the last, unless a prompt field is given).
+    """
+    answers, dialogue = [], None
+    for names in (("chosen", "response_chosen"), ("rejected", "response_rejected")):
+        field = next((f for f in names if f in rec), None)
+        if field is None:
+            raise UserError(f"{where}: missing field {names[0]!r} (or {names[1]!r})")
+        value = rec[field]
+        if isinstance(value, list):  # a message list ending with the answer
+            turns = _message_list(value, where, field)
+            if not turns or turns[-1]["role"] != "assistant":
+                raise UserError(f"{where}: {field!r} must end with an assistant turn")
+            dialogue, value = turns[:-1], turns[-1]["content"]
+        elif isinstance(value, dict):  # {"from": "gpt", "value": ...} or {"role", "content"}
+            value = _message_list([value], where, field)[0]["content"]
+        answers.append(_text(value, where, field))
+    rest = {k: v for k, v in rec.items() if k not in ("chosen", "rejected", "response_chosen", "response_rejected")}
+    if any(f in rest for f in ("prompt", "question", "conversations", "messages", "instruction")):
+        prompt = to_messages(rest, where)
+    elif dialogue:
+        prompt = to_messages({"messages": dialogue}, where)
+    else:
+        raise UserError(f"{where}: missing field 'prompt' (or 'question', 'conversations')")
+    if prompt[-1]["role"] != "user":
+        raise UserError(f"{where}: the prompt must end with a user turn")
+    return prompt, answers[0], answers[1]
+
+
+# ---------------------------------------------------------------- chat template -> ids
+
+def chat_template(tokenizer):
+    return tokenizer.chat_template or CHATML_TEMPLATE
+
+
+def render(tokenizer, messages, add_generation_prompt=False):
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         chat_template=chat_template(tokenizer))
+
+
+def _ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def encode_dialogue(tokenizer, messages, where="<dialogue>"):
+    """Token ids and labels of a whole dialogue; labels only on the assistant turns.
+
+    The chat template renders the dialogue; we cut it where each assistant answer starts and
+    ends (by rendering the prefix with the generation prompt), so the labels are exactly the
+    answer plus its end-of-turn marker. EOS follows each answer (added if the template has none).
+    """
+    input_ids, labels, done = [], [], ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
+        full = render(tokenizer, messages[: i + 1])
+        if not (prefix.startswith(done) and full.startswith(prefix)):
+            raise UserError(f"{where}: the chat template does not render turn by turn; cannot place labels")
+        context = _ids(tokenizer, prefix[len(done):])
+        answer = _ids(tokenizer, full[len(prefix):])
+        if tokenizer.eos_token_id not in answer:
+            answer.append(tokenizer.eos_token_id)
+        input_ids += context + answer
+        labels += [IGNORE] * len(context) + answer
+        done = full
+    return input_ids, labels
+
+
+def encode_prompt(tokenizer, messages):
+    """Prompt ids ending with the generation prompt (e.g. '<|im_start|>assistant\\n')."""
+    return _ids(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
+
+
+def encode_answer(tokenizer, prompt_ids, answer):
+    """prompt_ids + the answer's ids + EOS (how a response is scored by the reward model)."""
+    ids = _ids(tokenizer, answer)
+    return prompt_ids + ids + [tokenizer.eos_token_id]
+
+
+def pack_documents(tokenizer, texts, block_size):
+    """PT: concatenate documents with EOS between them and cut into blocks of block_size."""
+    stream = []
+    for text in texts:
+        stream += _ids(tokenizer, text) + [tokenizer.eos_token_id]
+    n = max(1, len(stream) // block_size)
+    return [stream[i * block_size:(i + 1) * block_size] for i in range(n)]
+
+
+# ---------------------------------------------------------------- batching
+
+def pad(sequences, value, side="right"):
+    """Pad a list of id lists to one [B, T] long tensor."""
+    width = max(len(s) for s in sequences)
+    rows = [(s + [value] * (width - len(s))) if side == "right" else ([value] * (width - len(s)) + s)
+            for s in sequences]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def collate_lm(examples, pad_id):
+    """[(input_ids, labels)] -> dict of input_ids, attention_mask, labels (right-padded)."""
+    ids = [e[0] for e in examples]
+    return {"input_ids": pad(ids, pad_id), "labels": pad([e[1] for e in examples], IGNORE),
+            "attention_mask": pad([[1] * len(s) for s in ids], 0)}

@@ -1,0 +1,269 @@
+"""LoRA written by hand, saved and loaded in PEFT's on-disk format.
+
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685)
+freezes a pretrained weight W [out, in] and learns a low-rank update of it instead (eq. 3):
+
+    y = W x + (alpha / r) * B A x        A: [r, in], B: [out, r], r << min(in, out)
+
+B starts at zero, so training starts exactly from the pretrained model. Dividing by r (section 4.1)
+keeps the size of the update about the same when r changes, so r can be tuned without retuning
+the learning rate. Only A and B are trained: a few MB of optimizer state instead of the whole model.
+
+The attribute names (`base_layer`, `lora_A`, `lora_B`) are PEFT's. With them the path of every
+LoRA weight in our model is PEFT's key without the "base_model.model." prefix, so writing and
+reading PEFT's format (adapter_config.json + adapter_model.safetensors) is a rename.
+"""
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+# A PeftModel holds a LoraModel as `.base_model`, which holds the transformers model as `.model`.
+PEFT_PREFIX = "base_model.model."
+# Output heads are trained whole (reward/value heads) or not at all (lm_head): "all" never adapts them.
+OUTPUT_HEADS = ["lm_head", "score", "v_head"]
+# The adapter_config.json fields that describe plain LoRA as written here (PEFT's variants differ).
+PLAIN_LORA = {
+    "bias": "none", "lora_bias": False, "use_dora": False,
+    "use_rslora": False,  # scaling is alpha / r, not alpha / sqrt(r)
+    "fan_in_fan_out": False,  # weights are [out, in], as in nn.Linear
+    "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,  # one r and alpha everywhere
+}
+
+
+class LoRALinear(nn.Module):
+    """y = base_layer(x) + (alpha / r) * lora_B(lora_A(dropout(x))), with base_layer frozen."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base_layer = base_layer.requires_grad_(False)
+        # The adapter lives where the weight lives, in its dtype.
+        where = dict(bias=False, device=base_layer.weight.device, dtype=base_layer.weight.dtype)
+        self.lora_A = nn.Linear(base_layer.in_features, r, **where)
+        self.lora_B = nn.Linear(r, base_layer.out_features, **where)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.disabled = False  # True: behave exactly like the base layer (see disable_adapters)
+        # A random and B zero makes B A = 0 at the start; PEFT uses the same kaiming init for A.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x):
+        y = self.base_layer(x)
+        if self.disabled:
+            return y
+        return y + self.scaling * self.lora_B(self.lora_A(self.lora_dropout(x)))
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
+
+
+def _matches(name, suffixes):
+    """PEFT's rule: a module matches a name if its path is that name or ends with "." + name."""
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def _lora_layers(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def _replace(model, name, new_module):
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new_module)
+
+
+def add_lora(model, r=8, alpha=16, dropout=0.0, targets="all", exclude=()):
+    """Wrap the matching nn.Linear layers of `model` in LoRALinear, in place, and freeze the rest.
+
+    targets: "all" (every nn.Linear but the output heads lm_head/score/v_head), or module-name
+    suffixes as a list or a comma-separated string ("q_proj,v_proj"). exclude: names never wrapped.
+    Every non-LoRA parameter is frozen afterwards; unfreeze a head yourself if you train it.
+    """
+    if _lora_layers(model):
+        raise ValueError("add_lora: the model already has LoRA layers (merge_lora them first)")
+    if isinstance(targets, str) and targets != "all":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    exclude = list(exclude or [])
+    names = [
+        name for name, module in model.named_modules()
+        if name and isinstance(module, nn.Linear) and not _matches(name, exclude)
+        and (not _matches(name, OUTPUT_HEADS) if targets == "all" else _matches(name, targets))
+    ]
+    if not names:
+        linear = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"add_lora: targets {targets!r} match no nn.Linear layer of {type(model).__name__}; "
+                         f"its linear layers are named: {', '.join(linear) or 'none'}")
+    for name in names:
+        _replace(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout))
+    model.requires_grad_(False)
+    for _, layer in _lora_layers(model):
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+    # What PEFT's target_modules must list to wrap the same layers: the names given, or for "all"
+    # the last part of each wrapped path (exclusions are written too, as PEFT's exclude_modules).
+    if targets == "all":
+        matched = sorted({n.rpartition(".")[2] for n in names})
+    else:
+        matched = [t for t in targets if any(_matches(n, [t]) for n in names)]
+    model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, targets=matched, exclude=exclude)
+    return model
+
+
+def merge_lora(model):
+    """Fold every adapter into its weight (W <- W + (alpha/r) B A) and put the plain nn.Linear back.
+
+    Afterwards the model is an ordinary transformers model (save_pretrained writes the usual keys).
+    The merged weights stay frozen, as they were under LoRA.
+    """
+    for name, layer in _lora_layers(model):
+        base = layer.base_layer
+        with torch.no_grad():  # B A in fp32, rounded once to the weight's dtype (bf16 on a GPU)
+            delta = layer.lora_B.weight.float() @ layer.lora_A.weight.float()
+            base.weight += (layer.scaling * delta).to(base.weight.dtype)
+        _replace(model, name, base)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+def lora_state_dict(model):
+    """The LoRA A and B weights only, under the same keys as in model.state_dict()."""
+    state = {}
+    for name, layer in _lora_layers(model):
+        state[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach()
+        state[f"{name}.lora_B.weight"] = layer.lora_B.weight.detach()
+    return state
+
+
+def _modules_state_dict(model, module_names):
+    """State of the plain modules named in modules_to_save (e.g. a trained "score" head)."""
+    state = {}
+    for name, module in model.named_modules():
+        if name and _matches(name, module_names):
+            state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+    return state
+
+
+def _write_atomic(path, write):
+    """Write to a temporary name, then rename: a killed run never leaves half a file."""
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_adapter(model, out_dir, base_model_name_or_path="", task_type="CAUSAL_LM", modules_to_save=None):
+    """Write the adapter as PEFT does, so `peft.PeftModel.from_pretrained(base, out_dir)` loads it.
+
+    modules_to_save: plain modules trained whole and saved with the adapter (["score"] for a reward
+    model's head); PEFT stores them under "base_model.model.<path>.<param>", like the base model.
+    Defaults to the ones an adapter was loaded with; for task_type "SEQ_CLS" the head is always saved.
+    """
+    config = getattr(model, "lora_config", None)
+    if config is None:
+        raise ValueError("save_adapter: the model has no LoRA layers (call add_lora first)")
+    modules_to_save = list(config.get("modules_to_save", []) if modules_to_save is None else modules_to_save)
+    if task_type == "SEQ_CLS":  # PEFT always restores a classifier's head, and fails if the file lacks it
+        modules_to_save += [n for n in ("classifier", "score")
+                            if n not in modules_to_save and _modules_state_dict(model, [n])]
+    tensors = lora_state_dict(model)
+    for name in modules_to_save:
+        module_state = _modules_state_dict(model, [name])
+        if not module_state:
+            raise ValueError(f"save_adapter: modules_to_save names {name!r}, which is no module of the model")
+        tensors.update(module_state)
+    tensors = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    peft_config = {
+        "peft_type": "LORA", "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path or None,  # PEFT writes null when unknown
+        "r": config["r"], "lora_alpha": config["alpha"], "lora_dropout": config["dropout"],
+        "target_modules": list(config["targets"]), "exclude_modules": list(config["exclude"]) or None,
+        "modules_to_save": modules_to_save or None,
+        **PLAIN_LORA, "inference_mode": True, "init_lora_weights": True,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    # Weights first, config last: a dir with a config always has its weights.
+    _write_atomic(os.path.join(out_dir, "adapter_model.safetensors"),
+                  lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    text = json.dumps(peft_config, indent=2) + "\n"
+    _write_atomic(os.path.join(out_dir, "adapter_config.json"),
+                  lambda path: Path(path).write_text(text, encoding="utf-8"))
+
+
+def load_adapter(model, adapter_dir):
+    """Load a PEFT LoRA adapter (ours or PEFT's own) into `model`, in place; returns the model.
+
+    Adds the LoRA layers first if the model has none. Reads only JSON and safetensors. Strict:
+    a weight the model needs that the file lacks, or one the model has no place for, is an error.
+    """
+    config_path = os.path.join(adapter_dir, "adapter_config.json")
+    weights_path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise ValueError(f"{adapter_dir}: not a LoRA adapter dir, {os.path.basename(path)} is missing")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    for field, value in {"peft_type": "LORA", **PLAIN_LORA}.items():
+        if config.get(field, value) != value:
+            raise ValueError(f"{adapter_dir}: adapter_config.json has {field}={config[field]!r}; nanorlhf "
+                             f"loads plain LoRA adapters ({field}={value!r})")
+    # PEFT's SEQ_CLS adds "classifier" and "score" for any model: keep the names this model has.
+    modules_to_save = [n for n in config.get("modules_to_save") or [] if _modules_state_dict(model, [n])]
+    if not hasattr(model, "lora_config"):
+        targets = config["target_modules"]
+        if targets == "all-linear":
+            targets = "all"
+        exclude = config.get("exclude_modules") or []
+        if isinstance(targets, str) or isinstance(exclude, str):
+            raise ValueError(f"{adapter_dir}: target_modules or exclude_modules as a regex is not supported")
+        exclude = exclude + modules_to_save  # PEFT never puts LoRA inside a module it saves whole
+        add_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                 targets=targets, exclude=exclude)
+    elif (model.lora_config["r"], model.lora_config["alpha"]) != (config["r"], config["lora_alpha"]):
+        ours = model.lora_config
+        raise ValueError(f"{adapter_dir}: adapter has r={config['r']}, lora_alpha={config['lora_alpha']}, "
+                         f"the model's LoRA has r={ours['r']}, alpha={ours['alpha']}")
+    model.lora_config["modules_to_save"] = modules_to_save
+
+    saved = load_file(weights_path)
+    expected = {PEFT_PREFIX + k: v for k, v in lora_state_dict(model).items()}
+    expected.update({PEFT_PREFIX + k: v for k, v in _modules_state_dict(model, modules_to_save).items()})
+    missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+    if missing:
+        raise ValueError(f"{adapter_dir}: adapter_model.safetensors has no {missing[0]}, which the model "
+                         f"needs ({len(missing)} missing keys)")
+    if unexpected:
+        raise ValueError(f"{adapter_dir}: adapter_model.safetensors has unexpected key {unexpected[0]}, "
+                         f"which is no LoRA or modules_to_save weight of the model ({len(unexpected)} such)")
+    with torch.no_grad():
+        for key, target in expected.items():
+            if saved[key].shape != target.shape:
+                raise ValueError(f"{adapter_dir}: {key} has shape {tuple(saved[key].shape)}, "
+                                 f"the model expects {tuple(target.shape)}")
+            target.copy_(saved[key])  # copy_ converts to the model's dtype and device
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model):
+    """Inside this block the model computes its base weights alone (W x), e.g. PPO's reference policy."""
+    layers = [layer for _, layer in _lora_layers(model)]
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, flag in zip(layers, previous):
+            layer.disabled = flag
+
+
+def count_parameters(model):
+    """(trainable, total) number of parameters; tied weights count once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

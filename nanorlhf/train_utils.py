@@ -1,0 +1,354 @@
+"""Training plumbing shared by the stage scripts: arguments, device, loading, optimiser and
+schedule, metrics, checkpoints. The training loops themselves stay visible in each train_*.py."""
+
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import os
+import random
+import shutil
+import sys
+
+import numpy as np
+import torch
+
+from nanorlhf.errors import UserError
+
+
+# ---------------------------------------------------------------- arguments
+
+@dataclasses.dataclass
+class BaseArgs:
+    """Flags every stage shares (names as in LLaMA-Factory / transformers' TrainingArguments)."""
+    model: str = dataclasses.field(default="", metadata={"help": "model directory (transformers format)"})
+    data: str = dataclasses.field(default="", metadata={"help": "data file(s), comma-separated: .txt .json .jsonl"})
+    eval_data: str = dataclasses.field(default="", metadata={"help": "held-out data file(s)"})
+    output_dir: str = dataclasses.field(default="", metadata={"help": "where the model, checkpoints, metrics go"})
+    max_steps: int = dataclasses.field(default=-1, metadata={"help": "optimizer steps (overrides epochs if > 0)"})
+    num_train_epochs: float = dataclasses.field(default=1.0, metadata={"help": "passes over the data"})
+    per_device_train_batch_size: int = dataclasses.field(default=8, metadata={"help": "sequences per micro-batch"})
+    gradient_accumulation_steps: int = dataclasses.field(default=1, metadata={"help": "micro-batches per step"})
+    learning_rate: float = dataclasses.field(default=2e-4, metadata={"help": "peak learning rate"})
+    weight_decay: float = dataclasses.field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_ratio: float = dataclasses.field(default=0.03, metadata={"help": "linear warmup fraction of steps"})
+    max_grad_norm: float = dataclasses.field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
+    finetuning_type: str = dataclasses.field(default="lora", metadata={"help": "lora | full"})
+    lora_rank: int = dataclasses.field(default=8, metadata={"help": "LoRA rank r"})
+    lora_alpha: float = dataclasses.field(default=16.0, metadata={"help": "LoRA alpha (scaling alpha/r)"})
+    lora_dropout: float = dataclasses.field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    lora_target: str = dataclasses.field(default="all", metadata={"help": "module names, comma-separated, or all"})
+    max_length: int = dataclasses.field(default=512, metadata={"help": "longest sequence in tokens"})
+    seed: int = dataclasses.field(default=42, metadata={"help": "random seed"})
+    logging_steps: int = dataclasses.field(default=10, metadata={"help": "log every N steps"})
+    save_steps: int = dataclasses.field(default=0, metadata={"help": "checkpoint every N steps (0 = end only)"})
+    save_total_limit: int = dataclasses.field(default=2, metadata={"help": "checkpoints kept (0 = all)"})
+    resume: bool = dataclasses.field(default=False, metadata={"help": "continue from the newest checkpoint"})
+    device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    dtype: str = dataclasses.field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
+    trust_remote_code: bool = dataclasses.field(default=False, metadata={"help": "allow a model's own code"})
+
+
+def parse_args(cls, argv=None):
+    """Build argparse from a dataclass: every field is a `--name` flag with its help text."""
+    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip())
+    for f in dataclasses.fields(cls):
+        help_ = f.metadata.get("help", "") + f" (default: {f.default})"
+        if f.type in (bool, "bool"):
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_,
+                                choices=f.metadata.get("choices"))
+    args = cls(**vars(parser.parse_args(argv)))
+    if getattr(args, "finetuning_type", "lora") not in ("lora", "full"):
+        raise UserError(f"--finetuning_type must be lora or full, got {args.finetuning_type!r}")
+    return args
+
+
+# ---------------------------------------------------------------- device, seed, loading
+
+def pick_device(device="auto", dtype="auto"):
+    """CUDA with bf16 where it is there (fp16 on GPUs without bf16), else CPU in fp32."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if dtype == "auto":
+        if device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = torch.float32
+    else:
+        dtype = getattr(torch, dtype)
+    return device, dtype
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_model_dir(path, what="--model"):
+    """Fail early, with one line, on a path that is not a transformers model directory."""
+    if not path:
+        raise UserError(f"{what} is required")
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: no such model directory ({what})")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"{path}: not a model directory (no config.json) ({what})")
+    if not glob.glob(os.path.join(path, "*.safetensors")):
+        raise UserError(f"{path}: no .safetensors weights (only safetensors are read, never pickles) ({what})")
+
+
+def load_tokenizer(path, trust_remote_code=False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot load a tokenizer: {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        raise UserError(f"{path}: the tokenizer has no pad token; set one distinct from EOS "
+                        "(e.g. tokenizer.pad_token = '<|endoftext|>' for Qwen) and save it")
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{path}: the tokenizer has no EOS token")
+    return tokenizer
+
+
+def load_model(path, cls, device, dtype, trust_remote_code=False, **kwargs):
+    """Load a transformers model from safetensors only (never a pickle a user was handed)."""
+    check_model_dir(path)
+    try:
+        model = cls.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                    trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot load the model: {str(e).splitlines()[0]}") from None
+    return model.to(device)
+
+
+# ---------------------------------------------------------------- optimisation
+
+def make_optimizer(model, lr, weight_decay=0.0):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("nothing to train: every parameter is frozen")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
+
+
+def warmup_cosine(optimizer, total_steps, warmup_ratio=0.03, min_ratio=0.1):
+    """Linear warmup, then cosine decay to min_ratio * lr (as in nanoGPT)."""
+    warmup = max(1, int(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def total_steps(args, batches_per_epoch):
+    if args.max_steps > 0:
+        return args.max_steps
+    return max(1, math.ceil(batches_per_epoch * args.num_train_epochs / args.gradient_accumulation_steps))
+
+
+def check_finite(value, step, what="loss"):
+    from nanorlhf.errors import TrainingDiverged
+
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"{what} is {value} at step {step}; the last good checkpoint is kept")
+
+
+def batch_order(n, seed, epoch):
+    """The shuffled order of the data in one epoch: a pure function of (seed, epoch), so a resumed
+    run replays the same order and skips to where it was."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def lm_loss_sum(logits, labels):
+    """Summed next-token cross entropy over labelled tokens (labels = input_ids, -100 = ignore).
+
+    Returns (sum, count): dividing the sum by the token count of the whole accumulated batch makes
+    a step with gradient accumulation the same maths as one big batch."""
+    logits = logits[:, :-1].float()
+    labels = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                             ignore_index=-100, reduction="sum")
+    return loss, (labels != -100).sum()
+
+
+# ---------------------------------------------------------------- metrics
+
+class Metrics:
+    """Appends one JSON object per logged step to output_dir/metrics.jsonl."""
+
+    def __init__(self, output_dir, resume_step=0):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        if os.path.exists(self.path):  # a resumed run drops the lines logged after its checkpoint
+            with open(self.path, encoding="utf-8") as f:
+                kept = [line for line in f if line.strip() and resume_step and json.loads(line)["step"] <= resume_step]
+            with open(self.path, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+
+    def log(self, step, **values):
+        row = {"step": step, **{k: (round(float(v), 6) if isinstance(v, (float, int, torch.Tensor)) else v)
+                                for k, v in values.items()}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return row
+
+
+# ---------------------------------------------------------------- saving and checkpoints
+
+def prepare_output_dir(output_dir, resume):
+    """Create the output dir; refuse to mix a fresh run into a directory that holds another run."""
+    if not output_dir:
+        raise UserError("--output_dir is required")
+    if os.path.isdir(output_dir) and not resume and os.path.exists(os.path.join(output_dir, "metrics.jsonl")):
+        raise UserError(f"{output_dir}: already holds a run; pass --resume to continue it or choose another dir")
+    os.makedirs(output_dir, exist_ok=True)
+
+
+def save_model(model, tokenizer, out_dir, lora, base_path="", task_type="CAUSAL_LM", modules_to_save=None):
+    """A LoRA run saves a PEFT adapter; a full run a transformers model dir (safetensors)."""
+    from nanorlhf.lora import save_adapter
+
+    os.makedirs(out_dir, exist_ok=True)
+    if lora:
+        save_adapter(model, out_dir, base_model_name_or_path=base_path, task_type=task_type,
+                     modules_to_save=modules_to_save)
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def atomic_save(final_dir, write):
+    """Call write(tmp_dir), then move its files into final_dir by rename: a run killed at any
+    moment leaves either the old files or the new ones, never half a file."""
+    parent = os.path.dirname(os.path.abspath(final_dir))
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(final_dir)}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    if os.path.basename(final_dir).startswith("checkpoint-"):
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(tmp, final_dir)  # a whole checkpoint appears at once
+        return
+    os.makedirs(final_dir, exist_ok=True)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(final_dir, name))
+    os.rmdir(tmp)
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output_dir, step, save_weights, trainer_state, save_total_limit=2):
+    """output_dir/checkpoint-STEP/: the weights (save_weights(dir)), and trainer_state.pt holding
+    optimizer, scheduler, RNG states and whatever else the loop needs to resume exactly."""
+    def write(tmp):
+        save_weights(tmp)
+        torch.save({**trainer_state, "rng": rng_state(), "step": step}, os.path.join(tmp, "trainer_state.pt"))
+
+    atomic_save(os.path.join(output_dir, f"checkpoint-{step}"), write)
+    if save_total_limit > 0:
+        for old in list_checkpoints(output_dir)[:-save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints, oldest first (a half-written one is only ever a .tmp-* dir)."""
+    found = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*")):
+        name = os.path.basename(path)[len("checkpoint-"):]
+        if name.isdigit() and os.path.isfile(os.path.join(path, "trainer_state.pt")):
+            found.append((int(name), path))
+    return [p for _, p in sorted(found)]
+
+
+def load_trainer_state(checkpoint_dir):
+    # weights_only=True: our own file, but never unpickle arbitrary objects.
+    return torch.load(os.path.join(checkpoint_dir, "trainer_state.pt"), weights_only=True)
+
+
+def describe(model):
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(1, total):.2f}%)"
+
+
+def info(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def micro_batches(n, batch_size, seed, skip=0):
+    """Endless (epoch, indices) micro-batches over n examples, reshuffled every epoch; the first
+    `skip` are passed over (that is how a resumed run finds its place in the data)."""
+    per_epoch = math.ceil(n / batch_size)
+    k = skip
+    while True:
+        epoch, i = divmod(k, per_epoch)
+        order = batch_order(n, seed, epoch)
+        yield epoch, order[i * batch_size:(i + 1) * batch_size]
+        k += 1
+
+
+def setup_model(args, cls, device, dtype, lora_exclude=(), **load_kwargs):
+    """Load args.model with `cls`, then add LoRA (frozen base) or train it whole."""
+    from nanorlhf.lora import add_lora
+
+    model = load_model(args.model, cls, device, dtype, trust_remote_code=args.trust_remote_code, **load_kwargs)
+    if args.finetuning_type == "lora":
+        try:
+            add_lora(model, r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                     targets=args.lora_target, exclude=list(lora_exclude))
+        except ValueError as e:
+            raise UserError(f"--lora_target: {e}") from None
+    return model
+
+
+def resume_from(args, model, optimizer, scheduler):
+    """Load the newest complete checkpoint into model/optimizer/scheduler/RNG; return its state."""
+    from nanorlhf.lora import load_adapter
+
+    checkpoints = list_checkpoints(args.output_dir)
+    if not checkpoints:
+        info(f"--resume: no checkpoint in {args.output_dir}, starting from scratch")
+        return None
+    path = checkpoints[-1]
+    if args.finetuning_type == "lora":
+        load_adapter(model, path)
+    else:
+        from safetensors.torch import load_file
+
+        state = {}
+        for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+            state.update(load_file(f, device=str(next(model.parameters()).device)))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:  # lm_head may be tied
+            raise UserError(f"{path}: checkpoint does not match the model ({(missing + unexpected)[:3]})")
+    trainer_state = load_trainer_state(path)
+    optimizer.load_state_dict(trainer_state["optimizer"])
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    set_rng_state(trainer_state["rng"])
+    info(f"resumed from {path} (step {trainer_state['step']})")
+    return trainer_state
