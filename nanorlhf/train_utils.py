@@ -196,7 +196,7 @@ class Metrics:
                 f.writelines(kept)
 
     def log(self, step, **values):
-        row = {"step": step, **{k: (round(float(v), 6) if isinstance(v, (float, int, torch.Tensor)) else v)
+        row = {"step": step, **{k: (float(v) if isinstance(v, (float, int, torch.Tensor)) else v)
                                 for k, v in values.items()}}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -326,26 +326,31 @@ def setup_model(args, cls, device, dtype, lora_exclude=(), **load_kwargs):
     return model
 
 
-def resume_from(args, model, optimizer, scheduler):
-    """Load the newest complete checkpoint into model/optimizer/scheduler/RNG; return its state."""
+def load_weights(model, path, lora):
+    """Load a checkpoint's weights into an existing model: a PEFT adapter, or full safetensors."""
+    from safetensors.torch import load_file
+
     from nanorlhf.lora import load_adapter
 
+    if lora:
+        return load_adapter(model, path)
+    state = {}
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        state.update(load_file(f, device=str(next(model.parameters()).device)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:  # lm_head may be tied to the embeddings
+        raise UserError(f"{path}: checkpoint does not match the model ({(missing + unexpected)[:3]})")
+    return model
+
+
+def resume_from(args, model, optimizer, scheduler):
+    """Load the newest complete checkpoint into model/optimizer/scheduler/RNG; return its state."""
     checkpoints = list_checkpoints(args.output_dir)
     if not checkpoints:
         info(f"--resume: no checkpoint in {args.output_dir}, starting from scratch")
         return None
     path = checkpoints[-1]
-    if args.finetuning_type == "lora":
-        load_adapter(model, path)
-    else:
-        from safetensors.torch import load_file
-
-        state = {}
-        for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-            state.update(load_file(f, device=str(next(model.parameters()).device)))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if "lm_head" not in k]:  # lm_head may be tied
-            raise UserError(f"{path}: checkpoint does not match the model ({(missing + unexpected)[:3]})")
+    load_weights(model, path, args.finetuning_type == "lora")
     trainer_state = load_trainer_state(path)
     optimizer.load_state_dict(trainer_state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])

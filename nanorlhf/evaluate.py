@@ -1,0 +1,211 @@
+"""See what RLHF did: several models answer the same held-out prompts, side by side.
+
+    python -m nanorlhf.evaluate sft=runs/demo/sft-merged ppo=runs/demo/ppo \\
+        --rm runs/demo/rm-merged --data data/demo/test.jsonl --output_dir runs/demo/eval
+
+For each model: mean reward-model score (± its spread), the gold rubric of the demo world (an
+independent judge: RM score up but rubric down means reward hacking), response length,
+repetition (distinct-1/2), KL to the reference model (the first one named, unless --ref), and
+ROUGE-L against the references (character-level for Chinese). Writes predictions.jsonl,
+results.md, results.json and, with matplotlib installed, results.png.
+A model is a merged model dir or a LoRA adapter dir (its base read from adapter_config.json).
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from nanorlhf import train_utils as tu
+from nanorlhf.data import encode_prompt, prompt_messages, read_records
+from nanorlhf.errors import UserError, run_main
+from nanorlhf.lora import load_adapter, merge_lora
+from nanorlhf.rollout import generate, policy_logits, response_mask, reward_scores
+from nanorlhf.rubric import gold_score, load_world
+
+_WORD = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]+", re.UNICODE)  # one CJK character, or a word
+
+
+def units(text):
+    """What ROUGE-L and distinct-n count: each Chinese character, each other word (lowercased)."""
+    return [u.lower() for u in _WORD.findall(text)]
+
+
+def rouge_l(prediction, reference):
+    """ROUGE-L F1 (Lin 2004): from the longest common subsequence of the two unit sequences."""
+    a, b = units(prediction), units(reference)
+    if not a or not b:
+        return 0.0
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev_diag = 0
+        for j, y in enumerate(b, 1):
+            prev_diag, row[j] = row[j], prev_diag + 1 if x == y else max(row[j], row[j - 1])
+    lcs = row[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def distinct_n(texts, n):
+    """Distinct n-grams / all n-grams over every response (Li et al. 2016); low = repetitive."""
+    grams = [tuple(u[i:i + n]) for u in map(units, texts) for i in range(len(u) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def load_policy(path, device, dtype):
+    """A merged model dir, or an adapter dir merged onto the base it names."""
+    adapter_config = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(adapter_config):
+        return tu.load_tokenizer(path), tu.load_model(path, AutoModelForCausalLM, device, dtype).eval()
+    with open(adapter_config, encoding="utf-8") as f:
+        base = json.load(f).get("base_model_name_or_path") or ""
+    model = tu.load_model(base, AutoModelForCausalLM, device, torch.float32)
+    merge_lora(load_adapter(model, path))
+    return tu.load_tokenizer(path), model.to(dtype).eval()
+
+
+@torch.no_grad()
+def kl_to_reference(model, ref, query, query_mask, response, mask):
+    """Exact KL(model || ref) of each response, summed over its tokens: at every position the full
+    next-token distributions are compared, so it is exact even for greedy answers. [B]"""
+    logp = policy_logits(model, query, response, mask, query_mask).float().log_softmax(-1)
+    logq = policy_logits(ref, query, response, mask, query_mask).float().log_softmax(-1)
+    per_token = (logp.exp() * (logp - logq)).sum(-1)
+    return torch.where(mask > 0, per_token, 0.0).sum(1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+", help="NAME=DIR, e.g. sft=runs/sft-merged ppo=runs/ppo")
+    parser.add_argument("--data", default="data/demo/test.jsonl", help="held-out prompts (+ reference, condition)")
+    parser.add_argument("--rm", default="", help="a reward model dir to score the answers")
+    parser.add_argument("--ref", default="", help="reference model for KL (default: the first model)")
+    parser.add_argument("--world", default="data/demo/world.json", help="the demo world, for the gold rubric")
+    parser.add_argument("--output_dir", default="", help="where predictions and the table go")
+    parser.add_argument("--max_new_tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    device, dtype = tu.pick_device(args.device)
+
+    named = []
+    for spec in args.models:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"model {spec!r}: expected NAME=DIR")
+        named.append((name, path))
+    records = read_records(args.data)
+    tokenizer, _ = load_policy(named[0][1], torch.device("cpu"), torch.float32)
+    prompts = [encode_prompt(tokenizer, prompt_messages(rec, where)) for where, rec in records]
+    world = None
+    if any("condition" in rec for _, rec in records) and os.path.isfile(args.world):
+        world = load_world(args.world)
+    reward_model = (tu.load_model(args.rm, AutoModelForSequenceClassification, device, dtype, num_labels=1).eval()
+                    if args.rm else None)
+    ref_name, ref_path = ("ref", args.ref) if args.ref else named[0]
+    _, ref = load_policy(ref_path, device, dtype)
+    eos_ids = [tokenizer.eos_token_id]
+
+    results, predictions = [], []
+    for name, path in named:
+        tok, model = load_policy(path, device, dtype)
+        if tok.get_vocab() != tokenizer.get_vocab():
+            raise UserError(f"{path}: its tokenizer differs from {named[0][1]}'s; compare models of one pipeline")
+        torch.manual_seed(args.seed)  # every model samples with the same seed
+        answers, scores, kls, lengths = [], [], [], []
+        for i in range(0, len(prompts), args.batch_size):
+            query, query_mask, response, _ = generate(model, prompts[i:i + args.batch_size], args.max_new_tokens,
+                                                      eos_ids, tok.pad_token_id, args.temperature)
+            mask = response_mask(response, eos_ids, tok.pad_token_id)
+            with torch.no_grad():
+                if reward_model is not None:
+                    scores += reward_scores(reward_model, query, response, mask, query_mask).tolist()
+                kls += kl_to_reference(model, ref, query, query_mask, response, mask).tolist()
+            lengths += mask.sum(1).tolist()
+            for row, row_mask in zip(response, mask):
+                answers.append(tok.decode(row[row_mask > 0], skip_special_tokens=True).strip())
+        row = {"model": name, "n": len(answers), "response_length": statistics.mean(lengths),
+               f"kl_to_{ref_name}": statistics.mean(kls),
+               "distinct_1": distinct_n(answers, 1), "distinct_2": distinct_n(answers, 2)}
+        if scores:
+            row["rm_score"] = statistics.mean(scores)
+            row["rm_score_sd"] = statistics.stdev(scores) if len(scores) > 1 else 0.0
+        golds, rouges = [], []
+        for j, ((_, rec), answer) in enumerate(zip(records, answers)):
+            pred = {"model": name, "prompt": rec.get("prompt", ""), "response": answer}
+            if scores:
+                pred["rm_score"] = scores[j]
+            if world is not None and rec.get("condition"):
+                pred["gold"] = gold_score(answer, rec["condition"], world)
+                golds.append(pred["gold"]["total"])
+            if isinstance(rec.get("reference"), str):
+                pred["rouge_l"] = rouge_l(answer, rec["reference"])
+                rouges.append(pred["rouge_l"])
+            predictions.append(pred)
+        if golds:
+            row["gold"] = statistics.mean(golds)
+        if rouges:
+            row["rouge_l"] = statistics.mean(rouges)
+        results.append(row)
+        del model
+
+    table = markdown_table(results)
+    print(table)
+    if args.output_dir:
+        write_outputs(args.output_dir, results, predictions, table)
+
+
+def markdown_table(results):
+    cols = [c for c in ("model", "rm_score", "gold", "response_length", next(k for k in results[0] if k.startswith("kl_to_")),
+                        "distinct_1", "distinct_2", "rouge_l") if c in results[0]]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in results:
+        cells = []
+        for c in cols:
+            v = r[c]
+            if c == "rm_score":
+                cells.append(f"{v:.3f} ± {r['rm_score_sd']:.3f}")
+            else:
+                cells.append(v if isinstance(v, str) else f"{v:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(out_dir, results, predictions, table):
+    def write(tmp):
+        with open(os.path.join(tmp, "predictions.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+        with open(os.path.join(tmp, "results.json"), "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2, ensure_ascii=False)
+        with open(os.path.join(tmp, "results.md"), "w", encoding="utf-8") as f:
+            f.write(table + "\n")
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        metrics = [m for m in ("rm_score", "gold", "rouge_l", "distinct_2") if m in results[0]]
+        fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3))
+        for ax, metric in zip(axes if len(metrics) > 1 else [axes], metrics):
+            ax.bar([r["model"] for r in results], [r[metric] for r in results],
+                   yerr=[r["rm_score_sd"] for r in results] if metric == "rm_score" else None, color="#4878a8")
+            ax.set_title(metric)
+        fig.tight_layout()
+        fig.savefig(os.path.join(tmp, "results.png"), dpi=100)
+        plt.close(fig)
+
+    os.makedirs(out_dir, exist_ok=True)
+    tu.atomic_save(out_dir, write)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The whole pipeline on the built-in tiny model and medical dataset: PT -> SFT -> RM -> PPO,
+# merging the LoRA adapter after each stage, as in the MedicalGPT tutorials. CPU: a few minutes.
+#   bash scripts/demo.sh [OUT_DIR]        (make demo runs it into runs/demo)
+set -euo pipefail
+OUT=${1:-runs/demo}
+PY=${PYTHON:-python3}
+D=data/demo
+rm -rf "$OUT"
+mkdir -p "$OUT"
+step() { echo; echo "== $* =="; }
+start=$(date +%s)
+
+step "1/4 PT: build a tokenizer + tiny model from the corpus, pretrain it (full)"
+$PY train_pt.py --data $D/pt.txt --output_dir "$OUT/pt" --num_train_epochs 20 \
+    --per_device_train_batch_size 16 --learning_rate 3e-3 --logging_steps 20
+
+step "2/4 SFT: LoRA on the pretrained model, answers in the demo's short style; merge"
+$PY train_sft.py --model "$OUT/pt" --data $D/sft.jsonl,$D/sft_alpaca.jsonl --output_dir "$OUT/sft" \
+    --num_train_epochs 4 --per_device_train_batch_size 16 --learning_rate 3e-3 --lora_rank 32 --lora_alpha 64 \
+    --logging_steps 20
+$PY merge_lora.py --base "$OUT/pt" --adapter "$OUT/sft" --output_dir "$OUT/sft-merged"
+
+step "3/4 RM: a reward model from the SFT model on preference pairs; merge"
+$PY train_rm.py --model "$OUT/sft-merged" --data $D/rm.jsonl --eval_data $D/rm_test.jsonl --output_dir "$OUT/rm" \
+    --num_train_epochs 2 --per_device_train_batch_size 16 --learning_rate 2e-3 --lora_rank 16 --lora_alpha 32 \
+    --logging_steps 20
+$PY merge_lora.py --base "$OUT/sft-merged" --adapter "$OUT/rm" --output_dir "$OUT/rm-merged"
+
+step "4/4 PPO: the SFT policy against the reward model; merge"
+$PY train_ppo.py --sft "$OUT/sft-merged" --rm "$OUT/rm-merged" --data $D/ppo.jsonl --output_dir "$OUT/ppo" \
+    --num_updates 20 --batch_size 16 --learning_rate 3e-4 --logging_steps 1
+$PY merge_lora.py --base "$OUT/sft-merged" --adapter "$OUT/ppo" --output_dir "$OUT/ppo-merged"
+
+step "Held-out prompts: SFT vs PPO (same prompts, greedy)"
+$PY -m nanorlhf.evaluate sft="$OUT/sft-merged" ppo="$OUT/ppo-merged" --rm "$OUT/rm-merged" \
+    --data $D/test.jsonl --output_dir "$OUT/eval"
+echo
+echo "done in $(( $(date +%s) - start )) s; outputs in $OUT/ (eval/results.md, eval/predictions.jsonl)"

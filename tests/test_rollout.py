@@ -1,0 +1,106 @@
+"""Sampling with a KV cache: left padding, EOS handling, and log-probs that training reproduces."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from nanorlhf.ppo import logprobs_from_logits
+from nanorlhf.rollout import (ended_with_eos, generate, policy_logits, position_ids_from, response_mask,
+                              sample_token)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def prompts_of(tokenizer, texts):
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+TEXTS = ["The common cold causes", "偏头痛", "If you have a runny nose, a sore throat and a mild cough, it"]
+
+
+def test_position_ids_count_real_tokens_only():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert position_ids_from(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_response_mask_cases():
+    eos, pad = 3, 0
+    response = torch.tensor([[5, 6, 7, 8],    # no EOS: full length
+                             [3, 0, 0, 0],    # EOS as the first token
+                             [5, 3, 0, 0],    # EOS in the middle
+                             [5, 6, 7, 3]])   # EOS as the last token
+    assert response_mask(response, [eos], pad).tolist() == [[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert ended_with_eos(response, [eos]).tolist() == [False, True, True, True]
+
+
+def test_greedy_kv_cache_equals_transformers_generate(lm):
+    model, tok = lm
+    prompt = prompts_of(tok, TEXTS[:1])
+    _, _, response, _ = generate(model, prompt, 12, [tok.eos_token_id], tok.pad_token_id, temperature=0)
+    expected = model.generate(torch.tensor(prompt), max_new_tokens=12, do_sample=False,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(prompt[0]):]
+    n = len(expected)
+    assert response[0, :n].tolist() == expected.tolist()
+
+
+def test_left_padded_prompt_generates_as_if_alone(lm):
+    model, tok = lm
+    prompts = prompts_of(tok, TEXTS)
+    _, _, together, _ = generate(model, prompts, 10, [tok.eos_token_id], tok.pad_token_id, temperature=0)
+    for i, p in enumerate(prompts):
+        _, _, alone, _ = generate(model, [p], 10, [tok.eos_token_id], tok.pad_token_id, temperature=0)
+        assert together[i, :alone.size(1)].tolist() == alone[0].tolist()
+
+
+def test_tokens_after_eos_are_padding(lm):
+    model, tok = lm
+    torch.manual_seed(1)
+    # a hot temperature on a barely trained model: some rows end early, some run to the limit
+    _, _, response, logprobs = generate(model, prompts_of(tok, TEXTS) * 4, 16, [tok.eos_token_id],
+                                        tok.pad_token_id, temperature=1.5)
+    mask = response_mask(response, [tok.eos_token_id], tok.pad_token_id)
+    assert ((response == tok.pad_token_id) | (mask > 0)).all()  # every padded slot holds pad
+    assert (logprobs[mask == 0] == 0).all()
+
+
+def test_stops_early_when_every_sequence_ended(lm):
+    model, tok = lm
+    _, _, response, _ = generate(model, prompts_of(tok, TEXTS[:1]), 20, list(range(len(tok))), tok.pad_token_id)
+    assert response.shape == (1, 1)  # every token counts as an end here: one step, then stop
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_rollout_logprobs_equal_the_training_forward(lm, temperature):
+    model, tok = lm
+    torch.manual_seed(0)
+    query, query_mask, response, logprobs = generate(model, prompts_of(tok, TEXTS), 16, [tok.eos_token_id],
+                                                     tok.pad_token_id, temperature=temperature)
+    mask = response_mask(response, [tok.eos_token_id], tok.pad_token_id)
+    with torch.no_grad():
+        recomputed = logprobs_from_logits(policy_logits(model, query, response, mask, query_mask, temperature),
+                                          response)
+    diff = torch.where(mask > 0, recomputed - logprobs, 0.0).abs().max().item()
+    assert diff < 1e-4
+    approx_kl = 0.5 * (torch.where(mask > 0, recomputed - logprobs, 0.0) ** 2).sum() / mask.sum()
+    assert approx_kl < 1e-6
+
+
+def test_top_k_1_is_greedy():
+    logits = torch.tensor([[0.1, 2.0, 0.3], [5.0, 1.0, 4.9]])
+    torch.manual_seed(0)
+    assert sample_token(logits, 1.0, top_k=1).tolist() == [1, 0]
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    # probabilities ~ [0.665, 0.245, 0.090]: top_p=0.5 keeps only the first token
+    logits = torch.log(torch.tensor([[0.665, 0.245, 0.090]]))
+    torch.manual_seed(0)
+    draws = {sample_token(logits, 1.0, top_p=0.5).item() for _ in range(50)}
+    assert draws == {0}
+    draws = {sample_token(logits, 1.0, top_p=0.8).item() for _ in range(200)}
+    assert draws == {0, 1}
