@@ -26,8 +26,11 @@ test: install-dev
 test-fast: install-dev
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
+# nanorlhf vs TRL's PPOTrainer, side by side (trl==1.12.0 is the optional `bench` extra; without it the
+# TRL column says why). Results in bench/results/; see bench/README.md. BENCH_ARGS="--sizes tiny" for a quick run.
 bench: install-dev
-	$(PYTHON) bench/run.py
+	-$(PIP) install -q -e ".[bench]"
+	$(PYTHON) bench/run.py $(BENCH_ARGS)
 
 lint: install-dev
 	$(PYTHON) -m ruff check .

@@ -26,6 +26,7 @@ def main():
     parser.add_argument("--adapter", required=True, help="a PEFT-format LoRA adapter directory")
     parser.add_argument("--output_dir", required=True, help="where the merged model goes")
     parser.add_argument("--dtype", default="auto", help="auto (the base's own) | float32 | bfloat16 | float16")
+    parser.add_argument("--trust_remote_code", action="store_true", help="allow the base model's own code")
     args = parser.parse_args()
 
     config_path = os.path.join(args.adapter, "adapter_config.json")
@@ -33,27 +34,39 @@ def main():
         raise UserError(f"{args.adapter}: not an adapter directory (no adapter_config.json)")
     try:
         with open(config_path, encoding="utf-8") as f:
-            task_type = json.load(f).get("task_type", "CAUSAL_LM")
+            config = json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{config_path}: malformed JSON: {e.msg} (line {e.lineno})") from None
+    if not isinstance(config, dict):  # fix: valid JSON that is not an object gave an AttributeError traceback
+        raise UserError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    task_type = config.get("task_type", "CAUSAL_LM")
     if task_type == "SEQ_CLS":
         cls, kwargs = AutoModelForSequenceClassification, {"num_labels": 1}
     else:
         cls, kwargs = AutoModelForCausalLM, {}
 
     # Merge in float32 (exact enough to match PEFT), then save in the requested dtype.
-    model = tu.load_model(args.base, cls, torch.device("cpu"), torch.float32, **kwargs)
+    tu.check_model_dir(args.base, "--base")  # fix: a wrong --base was reported as a wrong "--model"
+    model = tu.load_model(args.base, cls, torch.device("cpu"), torch.float32, args.trust_remote_code,
+                          **kwargs)
     dtype = model.config.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
         load_adapter(model, args.adapter)
-    except ValueError as e:
-        raise UserError(f"{args.adapter}: {e}") from None
+    except ValueError as e:  # fix: load_adapter's message starts with the adapter path (it was doubled)
+        raise UserError(str(e)) from None
+    except KeyError as e:  # fix: an adapter_config.json without r/lora_alpha/target_modules gave a traceback
+        raise UserError(f"{config_path}: missing field {e}") from None
     merge_lora(model)
     model.to(dtype or torch.float32)
     tokenizer_dir = args.adapter if os.path.isfile(os.path.join(args.adapter, "tokenizer_config.json")) else args.base
-    tokenizer = tu.load_tokenizer(tokenizer_dir)
+    tokenizer = tu.load_tokenizer(tokenizer_dir, args.trust_remote_code)
     if task_type == "SEQ_CLS":
         model.config.pad_token_id = tokenizer.pad_token_id  # the classifier reads the last non-pad token
+        # train_rm.py --normalize_scores leaves the score's offset beside the adapter: into config.json.
+        extra = os.path.join(args.adapter, "nanorlhf_config.json")
+        if os.path.isfile(extra):
+            with open(extra, encoding="utf-8") as f:
+                model.config.update(json.load(f))
 
     def write(out_dir):
         model.save_pretrained(out_dir, safe_serialization=True)

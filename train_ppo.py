@@ -22,17 +22,17 @@ import os
 import time
 
 import torch
-from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from nanorlhf import distributed as dist
 from nanorlhf import ppo
 from nanorlhf import train_utils as tu
 from nanorlhf.data import encode_prompt, prompt_messages, read_records
-from nanorlhf.errors import UserError, run_main
+from nanorlhf.errors import Interrupted, UserError, run_main
 from nanorlhf.lora import disable_adapters
-from nanorlhf.rollout import (critic_values, ended_with_eos, generate, logprobs_of, policy_logits,
-                              response_mask, reward_scores)
-from nanorlhf.ppo_setup import build_models, check_same_tokenizer, save_ppo_checkpoint, load_ppo_checkpoint
+from nanorlhf.rollout import critic_values, ended_with_eos, generate, logprobs_of, response_mask, reward_scores
+from nanorlhf.ppo_setup import (PolicyAndValue, build_models, check_same_tokenizer, save_ppo_checkpoint,
+                                load_ppo_checkpoint)
 
 
 @dataclasses.dataclass
@@ -45,7 +45,8 @@ class Args(tu.BaseArgs):
     max_length: int = dataclasses.field(default=256, metadata={"help": "longest prompt in tokens"})
     # rollout
     num_updates: int = dataclasses.field(default=0, metadata={"help": "PPO iterations (0: from epochs/max_steps)"})
-    batch_size: int = dataclasses.field(default=16, metadata={"help": "prompts per PPO iteration (rollout batch)"})
+    batch_size: int = dataclasses.field(default=16, metadata={"help": "responses per PPO iteration "
+                                                                "(batch_size / num_samples_per_prompt prompts)"})
     response_length: int = dataclasses.field(default=48, metadata={"help": "max new tokens per response"})
     temperature: float = dataclasses.field(default=0.7, metadata={"help": "sampling temperature (0 = greedy)"})
     top_k: int = dataclasses.field(default=0, metadata={"help": "sample from the k likeliest (0 = off)"})
@@ -78,17 +79,19 @@ class Args(tu.BaseArgs):
 
 
 def load_prompts(tokenizer, paths, max_length):
-    prompts, too_long = [], 0
+    prompts, too_long = [], []
     for where, rec in read_records(paths):
         ids = encode_prompt(tokenizer, prompt_messages(rec, where))
         if len(ids) > max_length:
-            too_long += 1
+            too_long.append(where)
             continue
         prompts.append(ids)
-    if too_long:
-        tu.info(f"warning: skipped {too_long} prompts longer than --max_length {max_length} tokens")
     if not prompts:
-        raise UserError(f"{paths}: no prompt fits in --max_length {max_length}")
+        raise UserError(f"{too_long[0]}: no prompt fits in --max_length {max_length} tokens "
+                        f"(all {len(too_long)} are longer)")
+    if too_long:
+        tu.info(f"warning: skipped {len(too_long)} prompts longer than --max_length {max_length} tokens "
+                f"(first at {too_long[0]})")
     return prompts
 
 
@@ -98,11 +101,15 @@ def main():
         raise UserError(f"--advantage_estimator must be gae, reinforce, rloo or grpo, got {args.advantage_estimator!r}")
     if args.advantage_estimator in ("rloo", "grpo") and args.num_samples_per_prompt < 2:
         raise UserError(f"--advantage_estimator {args.advantage_estimator} needs --num_samples_per_prompt >= 2")
+    if args.num_samples_per_prompt < 1 or args.batch_size % args.num_samples_per_prompt:
+        raise UserError(f"--batch_size {args.batch_size} counts responses: it must be a multiple of "
+                        f"--num_samples_per_prompt {args.num_samples_per_prompt}")
     if args.kl_estimator not in ("k1", "k2", "k3"):
         raise UserError(f"--kl_estimator must be k1, k2 or k3, got {args.kl_estimator!r}")
     if args.critic_init not in ("rm", "fresh"):
         raise UserError(f"--critic_init must be rm or fresh, got {args.critic_init!r}")
-    device, dtype = tu.pick_device(args.device, args.dtype)
+    world = dist.setup(args.device)  # under torchrun: join the other processes; else nothing
+    device, dtype = tu.pick_device(world.device, args.dtype)
     tu.set_seed(args.seed)
 
     # ---- tokenizers must agree: the reward model reads the policy's token ids
@@ -117,6 +124,8 @@ def main():
     use_critic = args.advantage_estimator == "gae"
     m = build_models(args, device, dtype, use_critic)
     policy, ref_policy, critic, v_head, reward_model = m.policy, m.ref_policy, m.critic, m.v_head, m.reward_model
+    if world.enabled:  # the models are built alike on every rank; from here each rank samples its own responses
+        tu.set_seed(args.seed + world.rank)
     max_positions = getattr(policy.config, "max_position_embeddings", None)
     if max_positions and args.max_length + args.response_length > max_positions:
         raise UserError(f"--max_length {args.max_length} + --response_length {args.response_length} exceeds "
@@ -140,20 +149,29 @@ def main():
     kl_ctl = (ppo.AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon) if args.target_kl > 0
               else ppo.FixedKLController(args.kl_coef))
     update = load_ppo_checkpoint(args, m, optimizer, scheduler, kl_ctl) if args.resume else 0
-    metrics = tu.Metrics(args.output_dir, resume_step=update)
-    batches = tu.micro_batches(len(prompts), n_prompts, args.seed, skip=update)
-    minibatch_size = args.batch_size // args.num_mini_batches
+    metrics = tu.Metrics(args.output_dir, resume_step=update, report_to=args.report_to)
+    if n_prompts % world.size:
+        raise UserError(f"--batch_size {args.batch_size} / --num_samples_per_prompt {k} = {n_prompts} prompts per "
+                        f"iteration cannot be shared equally by {world.size} processes")
+    batches = tu.micro_batches(len(prompts), n_prompts, args.seed, skip=update, world_size=world.size)
+    local_batch = args.batch_size // world.size  # --batch_size is global: each rank holds its share
+    minibatch_size = local_batch // args.num_mini_batches
     micro_size = max(1, minibatch_size // args.gradient_accumulation_steps)
-    if minibatch_size < 1 or args.batch_size % args.num_mini_batches:
-        raise UserError(f"--batch_size {args.batch_size} must be a multiple of --num_mini_batches {args.num_mini_batches}")
+    if minibatch_size < 1 or local_batch % args.num_mini_batches:
+        raise UserError(f"--batch_size {args.batch_size} must be a multiple of --num_mini_batches {args.num_mini_batches}"
+                        + (f" x {world.size} processes" if world.enabled else ""))
+    # What is trained, as one module: under torchrun one DDP wrapper syncs the policy's and the critic's gradients
+    policy_and_value = dist.wrap(PolicyAndValue(policy, critic, v_head, args.temperature), world)
     tu.info(f"{len(prompts)} prompts; {updates} PPO iterations of {n_prompts} prompts x {k}; "
             f"policy: {tu.describe(policy)}")
 
-    bar = tqdm(total=updates, initial=update, desc="ppo", dynamic_ncols=True)
+    ctrl_c = tu.CtrlC()  # Ctrl-C: finish this iteration, save a checkpoint, stop
+    bar = dist.progress_bar(world, total=updates, initial=update, desc="ppo", dynamic_ncols=True)
     try:
         while update < updates:
             t0 = time.time()
             _, idx = next(batches)
+            idx = dist.shard(idx, world)  # this rank's share of the iteration's prompts
             batch_prompts = [prompts[i] for i in idx for _ in range(k)]  # prompt-major groups of k
 
             # ---- 1. rollout (no gradients; dropout is off everywhere, see build_models)
@@ -171,6 +189,7 @@ def main():
                     scores = torch.where(ended, scores, scores - args.missing_eos_penalty)
                 if args.reward_clip > 0:
                     scores = scores.clamp(-args.reward_clip, args.reward_clip)
+                tu.check_finite(scores.mean().item(), update + 1, "the reward model's score")
                 # ---- 3. reference log-probs: the same weights with the adapters off
                 with disable_adapters(policy) if ref_policy is None else torch.no_grad():
                     ref_logprobs = logprobs_of(ref_policy or policy, query, response, mask, query_mask,
@@ -183,7 +202,7 @@ def main():
                 # ---- 5. KL-shaped token rewards
                 rewards = ppo.shape_rewards(scores, old_logprobs, ref_logprobs, mask, kl_ctl.value, args.kl_estimator)
                 if args.whiten_rewards:
-                    rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
+                    rewards = ppo.masked_whiten(rewards, mask, shift_mean=False, reduce=dist.sum_over_ranks)
                 # ---- 6. advantages
                 if args.advantage_estimator == "gae":
                     advantages, returns = ppo.compute_gae(rewards, values, mask, args.gamma, args.lam)
@@ -194,40 +213,45 @@ def main():
                     estimator = ppo.rloo_advantages if args.advantage_estimator == "rloo" else ppo.grpo_advantages
                     advantages = returns = ppo.broadcast_to_tokens(estimator(sequence_reward, k), mask)
                 if args.whiten_advantages:
-                    advantages = ppo.masked_whiten(advantages, mask)
+                    advantages = ppo.masked_whiten(advantages, mask, reduce=dist.sum_over_ranks)  # all ranks'
             t_score = time.time()
 
             # ---- 7. PPO epochs over shuffled minibatches, gradient accumulation inside each
             stats = {"approxkl": [], "clipfrac": [], "pg_loss": [], "vf_loss": [], "vf_clipfrac": [], "entropy": []}
+            shares = []  # each micro-batch's weight in its minibatch's loss (and in the logged averages)
             for _ in range(args.ppo_epochs):
                 order = torch.randperm(len(batch_prompts), device=query.device)
                 for start in range(0, len(batch_prompts), minibatch_size):
                     minibatch = order[start:start + minibatch_size]
+                    # The loss is the token mean over the whole minibatch, every rank's part of it: a micro-batch's
+                    # (token-mean) loss weighs its tokens / the average rank's tokens, since DDP averages the
+                    # ranks' gradients. With one process and no accumulation the weight is exactly 1.
+                    rank_tokens = dist.sum_over_ranks(mask[minibatch].sum()) / world.size
                     for micro_start in range(0, len(minibatch), micro_size):
                         mb = minibatch[micro_start:micro_start + micro_size]
                         mb_mask = mask[mb]
-                        logits = policy_logits(policy, query[mb], response[mb], mb_mask, query_mask[mb],
-                                               args.temperature)
+                        share = mb_mask.sum() / rank_tokens
+                        logits, new_values = policy_and_value(query[mb], response[mb], mb_mask, query_mask[mb])
                         new_logprobs = ppo.logprobs_from_logits(logits, response[mb])
                         pg_loss, pg_stats = ppo.policy_loss(new_logprobs, old_logprobs[mb], advantages[mb],
                                                             mb_mask, args.cliprange)
                         loss = pg_loss
                         if use_critic:
-                            new_values = critic_values(critic, v_head, query[mb], response[mb], mb_mask,
-                                                       query_mask[mb])
                             vf_loss, vf_stats = ppo.value_loss(new_values, values[mb], returns[mb], mb_mask,
                                                                args.cliprange_value if args.cliprange_value > 0 else None)
                             loss = loss + args.vf_coef * vf_loss
                             stats["vf_loss"].append(vf_loss.detach())
                             stats["vf_clipfrac"].append(vf_stats["clipfrac"])
-                        (loss * len(mb) / len(minibatch)).backward()
+                        (loss * share).backward()
+                        shares.append(share)
                         with torch.no_grad():
                             stats["entropy"].append(ppo.masked_mean(ppo.entropy_from_logits(logits), mb_mask))
                         stats["approxkl"].append(pg_stats["approxkl"])
                         stats["clipfrac"].append(pg_stats["clipfrac"])
                         stats["pg_loss"].append(pg_loss.detach())
                     if args.max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                        tu.check_finite(grad_norm.item(), update + 1, "gradient norm")
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -237,7 +261,9 @@ def main():
             with torch.no_grad():
                 kl = torch.where(mask > 0, old_logprobs - ref_logprobs, 0.0).sum(1)  # sequence KL, as TRL logs it
                 non_score_reward = (rewards * mask).sum(1) - scores if not args.whiten_rewards else -kl_ctl.value * kl
-            mean = lambda xs: torch.stack(xs).mean().item() if xs else 0.0  # noqa: E731
+            # each minibatch's token mean (micro-batches weighted as in the loss), averaged over the minibatches
+            n_minibatches = args.ppo_epochs * -(-len(batch_prompts) // minibatch_size)
+            mean = lambda xs: (torch.stack(xs) * torch.stack(shares)).sum().item() / n_minibatches if xs else 0.0  # noqa: E731
             row = {
                 "objective/scores": scores.mean().item(), "objective/kl": kl.mean().item(),
                 "objective/entropy": (-(old_logprobs * mask).sum(1)).mean().item(),
@@ -246,27 +272,32 @@ def main():
                 "policy/approxkl_avg": mean(stats["approxkl"]), "policy/clipfrac_avg": mean(stats["clipfrac"]),
                 "policy/entropy_avg": mean(stats["entropy"]), "loss/policy_avg": mean(stats["pg_loss"]),
                 "loss/value_avg": mean(stats["vf_loss"]), "val/clipfrac_avg": mean(stats["vf_clipfrac"]),
-                "val/explained_variance": ppo.explained_variance(values, returns, mask).item() if use_critic else 0.0,
+                "val/explained_variance": (ppo.explained_variance(values, returns, mask, reduce=dist.sum_over_ranks).item()
+                                           if use_critic else 0.0),
                 "val/response_length": mask.sum(1).mean().item(), "val/eos_fraction": ended.float().mean().item(),
                 "val/first_approxkl": stats["approxkl"][0].item(), "val/first_clipfrac": stats["clipfrac"][0].item(),
                 "kl_coef": kl_ctl.value, "lr": scheduler.get_last_lr()[0],
                 "time/rollout_s": t_rollout - t0, "time/score_s": t_score - t_rollout,
-                "time/update_s": time.time() - t_score, "episodes": update * len(batch_prompts),
+                "time/update_s": time.time() - t_score, "episodes": update * len(batch_prompts) * world.size,
             }
-            tu.check_finite(row["objective/scores"], update, "score")
+            row = dist.mean_over_ranks(row)  # each rank measured its equal share of the batch
             tu.check_finite(row["loss/policy_avg"] + row["loss/value_avg"], update, "loss")
-            kl_ctl.update(row["objective/kl"], len(batch_prompts))
+            kl_ctl.update(row["objective/kl"], len(batch_prompts) * world.size)
             if update % args.logging_steps == 0 or update == updates or update == 1:
                 metrics.log(update, **row)
             bar.update(1)
             bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.3f}")
-            if args.save_steps > 0 and update % args.save_steps == 0 and update < updates:
+            stop = dist.any_rank(ctrl_c.pressed)  # every rank stops at the same iteration
+            if stop or (args.save_steps > 0 and update % args.save_steps == 0 and update < updates):
                 save_ppo_checkpoint(args, m, tokenizer, optimizer, scheduler, kl_ctl, update)
-    except KeyboardInterrupt:  # Ctrl-C: keep what was done
-        save_ppo_checkpoint(args, m, tokenizer, optimizer, scheduler, kl_ctl, update)
-        raise UserError(f"interrupted: saved checkpoint-{update}; continue with --resume") from None
+            if stop:
+                raise Interrupted(f"saved checkpoint-{update} in {args.output_dir}; continue with --resume")
+    finally:
+        ctrl_c.restore()
     bar.close()
 
+    metrics.close()  # curves.png (with matplotlib), closes TensorBoard
+    dist.check_same_weights(policy_and_value)  # under torchrun: stop if the ranks ever fell out of sync
     tu.atomic_save(args.output_dir, lambda out: m.save(out, tokenizer))
     tu.info(f"saved the policy to {os.path.abspath(args.output_dir)}"
             + (" (a LoRA adapter: merge it with merge_lora.py --base " + args.sft + ")" if m.lora else ""))

@@ -13,12 +13,12 @@ import dataclasses
 import os
 
 import torch
-from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
+from nanorlhf import distributed as dist
 from nanorlhf import train_utils as tu
 from nanorlhf.data import read_records, pack_documents
-from nanorlhf.errors import UserError, run_main
+from nanorlhf.errors import Interrupted, UserError, run_main
 from nanorlhf.tiny import build_tiny_model, train_tokenizer
 
 
@@ -34,7 +34,8 @@ class Args(tu.BaseArgs):
 
 def main():
     args = tu.parse_args(Args)
-    device, dtype = tu.pick_device(args.device, args.dtype)
+    world = dist.setup(args.device)  # under torchrun: join the other processes; else nothing
+    device, dtype = tu.pick_device(world.device, args.dtype)
     tu.set_seed(args.seed)
 
     # ---- data: every document as text (checked before anything is written)
@@ -48,6 +49,7 @@ def main():
     # ---- model: the user's, or the tiny default built from this data
     checkpoints = tu.list_checkpoints(args.output_dir) if args.resume and args.output_dir else []
     if args.model:
+        tu.check_model_dir(args.model)  # fix: a wrong path got the Hub loader's "Repo id must be..." message
         tokenizer = tu.load_tokenizer(args.model, args.trust_remote_code)
         model = tu.setup_model(args, AutoModelForCausalLM, device, dtype)
     elif checkpoints:  # resuming the tiny default: its tokenizer and weights are in the checkpoint
@@ -76,32 +78,38 @@ def main():
                            args.save_total_limit)
 
     # ---- optimiser, schedule, resume
-    steps = tu.total_steps(args, -(-len(blocks) // args.per_device_train_batch_size))
+    global_batch = args.per_device_train_batch_size * world.size  # every rank takes per_device of each
+    steps = tu.total_steps(args, tu.batches_per_epoch(len(blocks), global_batch, world.size))
     optimizer = tu.make_optimizer(model, args.learning_rate, args.weight_decay)
     scheduler = tu.warmup_cosine(optimizer, steps, args.warmup_ratio)
     state = tu.resume_from(args, model, optimizer, scheduler) if args.resume else None
     step = state["step"] if state else 0
-    metrics = tu.Metrics(args.output_dir, resume_step=step)
-    batches = tu.micro_batches(len(blocks), args.per_device_train_batch_size, args.seed,
-                               skip=step * args.gradient_accumulation_steps)
+    metrics = tu.Metrics(args.output_dir, resume_step=step, report_to=args.report_to)
+    batches = tu.micro_batches(len(blocks), global_batch, args.seed, skip=step * args.gradient_accumulation_steps,
+                               world_size=world.size)
+    ddp_model = dist.wrap(model, world)  # the model itself with one process; under torchrun DDP syncs gradients
 
     # ---- the loop: accumulate micro-batches, one optimizer step, log, checkpoint
     model.train()
-    bar = tqdm(total=steps, initial=step, desc="pt", dynamic_ncols=True)
+    ctrl_c = tu.CtrlC()  # Ctrl-C: finish this step, save a checkpoint, stop
+    bar = dist.progress_bar(world, total=steps, initial=step, desc="pt", dynamic_ncols=True)
     try:
         while step < steps:
             micro = [next(batches) for _ in range(args.gradient_accumulation_steps)]
-            inputs = [torch.tensor([blocks[i] for i in idx], device=device) for _, idx in micro]
-            n_tokens = sum(x[:, 1:].numel() for x in inputs)  # every next token is a target
+            inputs = [torch.tensor([blocks[i] for i in dist.shard(idx, world)], device=device)
+                      for _, idx in micro]  # this rank's share of each global micro-batch
+            n_tokens = dist.sum_over_ranks(sum(x[:, 1:].numel() for x in inputs))  # every next token is a target
             total = 0.0
             for x in inputs:
-                loss_sum, _ = tu.lm_loss_sum(model(input_ids=x).logits, x)
-                (loss_sum / n_tokens).backward()
+                loss_sum, _ = tu.lm_loss_sum(ddp_model(input_ids=x).logits, x)
+                # token mean over every rank's batch; x world size because DDP averages the ranks' gradients
+                (loss_sum / n_tokens * world.size).backward()
                 total += loss_sum.item()
-            loss = total / n_tokens
+            loss = dist.sum_over_ranks(total) / n_tokens
             tu.check_finite(loss, step + 1)
             if args.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                tu.check_finite(grad_norm.item(), step + 1, "gradient norm")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -110,13 +118,17 @@ def main():
             bar.set_postfix(loss=f"{loss:.3f}")
             if step % args.logging_steps == 0 or step == steps:
                 metrics.log(step, loss=loss, lr=scheduler.get_last_lr()[0], epoch=micro[-1][0])
-            if args.save_steps > 0 and step % args.save_steps == 0 and step < steps:
+            stop = dist.any_rank(ctrl_c.pressed)  # every rank stops at the same step
+            if stop or (args.save_steps > 0 and step % args.save_steps == 0 and step < steps):
                 checkpoint()
-    except KeyboardInterrupt:  # Ctrl-C: keep what was done
-        checkpoint()
-        raise UserError(f"interrupted: saved checkpoint-{step}; continue with --resume") from None
+            if stop:
+                raise Interrupted(f"saved checkpoint-{step} in {args.output_dir}; continue with --resume")
+    finally:
+        ctrl_c.restore()
     bar.close()
 
+    metrics.close()  # curves.png (with matplotlib), closes TensorBoard
+    dist.check_same_weights(model)  # under torchrun: stop if the ranks ever fell out of sync
     tu.atomic_save(args.output_dir, save_weights)
     tu.info(f"saved to {os.path.abspath(args.output_dir)}")
 

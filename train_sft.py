@@ -12,12 +12,12 @@ import dataclasses
 import os
 
 import torch
-from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
+from nanorlhf import distributed as dist
 from nanorlhf import train_utils as tu
 from nanorlhf.data import IGNORE, collate_lm, encode_dialogue, read_records, to_messages
-from nanorlhf.errors import UserError, run_main
+from nanorlhf.errors import Interrupted, UserError, run_main
 
 
 @dataclasses.dataclass
@@ -63,7 +63,8 @@ def evaluate(model, examples, batch_size, pad_id, device):
 
 def main():
     args = tu.parse_args(Args)
-    device, dtype = tu.pick_device(args.device, args.dtype)
+    world = dist.setup(args.device)  # under torchrun: join the other processes; else nothing
+    device, dtype = tu.pick_device(world.device, args.dtype)
     tu.set_seed(args.seed)
 
     # ---- tokenizer and data first: bad input fails before anything is loaded or written
@@ -81,7 +82,8 @@ def main():
     def save_weights(out_dir):
         tu.save_model(model, tokenizer, out_dir, lora, base_path=os.path.abspath(args.model))
 
-    steps = tu.total_steps(args, -(-len(train) // args.per_device_train_batch_size))
+    global_batch = args.per_device_train_batch_size * world.size  # every rank takes per_device of each
+    steps = tu.total_steps(args, tu.batches_per_epoch(len(train), global_batch, world.size))
     optimizer = tu.make_optimizer(model, args.learning_rate, args.weight_decay)
     scheduler = tu.warmup_cosine(optimizer, steps, args.warmup_ratio)
     state = tu.resume_from(args, model, optimizer, scheduler) if args.resume else None
@@ -92,29 +94,35 @@ def main():
                            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                            args.save_total_limit)
 
-    metrics = tu.Metrics(args.output_dir, resume_step=step)
-    batches = tu.micro_batches(len(train), args.per_device_train_batch_size, args.seed,
-                               skip=step * args.gradient_accumulation_steps)
+    metrics = tu.Metrics(args.output_dir, resume_step=step, report_to=args.report_to)
+    batches = tu.micro_batches(len(train), global_batch, args.seed, skip=step * args.gradient_accumulation_steps,
+                               world_size=world.size)
+    ddp_model = dist.wrap(model, world)  # the model itself with one process; under torchrun DDP syncs gradients
 
     # ---- the loop: accumulate micro-batches, one optimizer step, log, evaluate, checkpoint
     model.train()
-    bar = tqdm(total=steps, initial=step, desc="sft", dynamic_ncols=True)
+    ctrl_c = tu.CtrlC()  # Ctrl-C: finish this step, save a checkpoint, stop
+    bar = dist.progress_bar(world, total=steps, initial=step, desc="sft", dynamic_ncols=True)
     try:
         while step < steps:
             micro = [next(batches) for _ in range(args.gradient_accumulation_steps)]
-            inputs = [{k: v.to(device) for k, v in collate_lm([train[i] for i in idx], tokenizer.pad_token_id).items()}
-                      for _, idx in micro]
-            n_tokens = sum((b["labels"][:, 1:] != IGNORE).sum().item() for b in inputs)
+            inputs = [{k: v.to(device) for k, v in collate_lm([train[i] for i in dist.shard(idx, world)],
+                                                              tokenizer.pad_token_id).items()}
+                      for _, idx in micro]  # this rank's share of each global micro-batch
+            n_tokens = dist.sum_over_ranks(sum((b["labels"][:, 1:] != IGNORE).sum().item() for b in inputs))
             total = 0.0
             for b in inputs:
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                logits = ddp_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
                 loss_sum, _ = tu.lm_loss_sum(logits, b["labels"])
-                (loss_sum / n_tokens).backward()  # token mean over the whole accumulated batch
+                # token mean over the whole accumulated batch of every rank (n_tokens is global);
+                # x world size because DDP averages the ranks' gradients, and we want their sum
+                (loss_sum / n_tokens * world.size).backward()
                 total += loss_sum.item()
-            loss = total / n_tokens
+            loss = dist.sum_over_ranks(total) / n_tokens
             tu.check_finite(loss, step + 1)
             if args.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                tu.check_finite(grad_norm.item(), step + 1, "gradient norm")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -127,13 +135,17 @@ def main():
                     row["eval/loss"] = evaluate(model, evals, args.per_device_train_batch_size,
                                                 tokenizer.pad_token_id, device)
                 metrics.log(step, **row)
-            if args.save_steps > 0 and step % args.save_steps == 0 and step < steps:
+            stop = dist.any_rank(ctrl_c.pressed)  # every rank stops at the same step
+            if stop or (args.save_steps > 0 and step % args.save_steps == 0 and step < steps):
                 checkpoint()
-    except KeyboardInterrupt:  # Ctrl-C: keep what was done
-        checkpoint()
-        raise UserError(f"interrupted: saved checkpoint-{step}; continue with --resume") from None
+            if stop:
+                raise Interrupted(f"saved checkpoint-{step} in {args.output_dir}; continue with --resume")
+    finally:
+        ctrl_c.restore()
     bar.close()
 
+    metrics.close()  # curves.png (with matplotlib), closes TensorBoard
+    dist.check_same_weights(model)  # under torchrun: stop if the ranks ever fell out of sync
     tu.atomic_save(args.output_dir, save_weights)
     tu.info(f"saved to {os.path.abspath(args.output_dir)}")
 

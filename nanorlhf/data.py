@@ -47,13 +47,15 @@ def read_records(paths):
                 raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line)") from None
         text = raw.decode("utf-8").lstrip("\ufeff")
         n_before = len(out)
+        if not text.strip():  # fix: an empty .json file was reported as "malformed JSON", not as empty
+            raise UserError(f"{path}: file is empty (no records)")
         if ext == ".txt":
             out += [(f"{path}:{i}", {"text": line.rstrip("\r")}) for i, line in enumerate(text.split("\n"), 1)
                     if line.strip()]
         elif ext == ".jsonl":
             for i, line in enumerate(text.split("\n"), 1):
                 if line.strip():
-                    out.append((f"{path}:{i}", _parse_json(line, f"{path}:{i}")))
+                    out.append((f"{path}:{i}", _parse_json(line, f"{path}:{i}", in_line=True)))
         else:
             data = _parse_json(text, path, want_object=False)
             if not isinstance(data, list):
@@ -67,11 +69,13 @@ def read_records(paths):
     return out
 
 
-def _parse_json(text, where, want_object=True):
+def _parse_json(text, where, want_object=True, in_line=False):
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{where}: malformed JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+        # fix: a .jsonl line is its own document, so json's "line 1" contradicted the file:line in `where`
+        position = f"column {e.colno}" if in_line else f"line {e.lineno}, column {e.colno}"
+        raise UserError(f"{where}: malformed JSON: {e.msg} ({position})") from None
     if want_object and not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -80,6 +84,8 @@ def _parse_json(text, where, want_object=True):
 # ---------------------------------------------------------------- formats -> messages
 
 def _text(value, where, field):
+    if value is None:  # fix: an absent field read "must be a string, got NoneType"
+        raise UserError(f"{where}: missing field {field!r}")
     if not isinstance(value, str):
         raise UserError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
     return value
@@ -176,6 +182,9 @@ def to_pair(rec, where):
             turns = _message_list(value, where, field)
             if not turns or turns[-1]["role"] != "assistant":
                 raise UserError(f"{where}: {field!r} must end with an assistant turn")
+            # fix: the shared prompt was silently taken from `rejected` even when it differed from `chosen`'s
+            if dialogue is not None and turns[:-1] != dialogue:
+                raise UserError(f"{where}: 'chosen' and 'rejected' must share the turns before the answer")
             dialogue, value = turns[:-1], turns[-1]["content"]
         elif isinstance(value, dict):  # {"from": "gpt", "value": ...} or {"role", "content"}
             value = _message_list([value], where, field)[0]["content"]

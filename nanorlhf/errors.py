@@ -11,8 +11,13 @@ class TrainingDiverged(Exception):
     """The loss or the score became NaN/inf; the last good checkpoint is kept."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C stopped the training loop after a whole step, and a checkpoint of it was saved."""
+
+
 def run_main(main):
-    """Call `main()`; turn UserError into one line on stderr and exit status 2, no traceback."""
+    """Call `main()`; turn UserError into one line on stderr and exit status 2, no traceback
+    (3 for a diverged run, 130 for Ctrl-C, as a shell reports SIGINT)."""
     try:
         main()
     except UserError as e:
@@ -21,3 +26,9 @@ def run_main(main):
     except TrainingDiverged as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
         sys.exit(3)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:  # outside the training loop (loading, final save), or Ctrl-C twice
+        print("interrupted: nothing saved since the last checkpoint", file=sys.stderr)
+        sys.exit(130)

@@ -58,16 +58,17 @@ def distinct_n(texts, n):
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def load_policy(path, device, dtype):
+def load_policy(path, device, dtype, trust_remote_code=False):
     """A merged model dir, or an adapter dir merged onto the base it names."""
     adapter_config = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(adapter_config):
-        return tu.load_tokenizer(path), tu.load_model(path, AutoModelForCausalLM, device, dtype).eval()
+        return (tu.load_tokenizer(path, trust_remote_code),
+                tu.load_model(path, AutoModelForCausalLM, device, dtype, trust_remote_code).eval())
     with open(adapter_config, encoding="utf-8") as f:
         base = json.load(f).get("base_model_name_or_path") or ""
-    model = tu.load_model(base, AutoModelForCausalLM, device, torch.float32)
+    model = tu.load_model(base, AutoModelForCausalLM, device, torch.float32, trust_remote_code)
     merge_lora(load_adapter(model, path))
-    return tu.load_tokenizer(path), model.to(dtype).eval()
+    return tu.load_tokenizer(path, trust_remote_code), model.to(dtype).eval()
 
 
 @torch.no_grad()
@@ -93,6 +94,7 @@ def main():
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--trust_remote_code", action="store_true", help="allow the models' own code")
     args = parser.parse_args()
     device, dtype = tu.pick_device(args.device)
 
@@ -103,20 +105,20 @@ def main():
             raise UserError(f"model {spec!r}: expected NAME=DIR")
         named.append((name, path))
     records = read_records(args.data)
-    tokenizer, _ = load_policy(named[0][1], torch.device("cpu"), torch.float32)
+    tokenizer, _ = load_policy(named[0][1], torch.device("cpu"), torch.float32, args.trust_remote_code)
     prompts = [encode_prompt(tokenizer, prompt_messages(rec, where)) for where, rec in records]
     world = None
     if any("condition" in rec for _, rec in records) and os.path.isfile(args.world):
         world = load_world(args.world)
-    reward_model = (tu.load_model(args.rm, AutoModelForSequenceClassification, device, dtype, num_labels=1).eval()
-                    if args.rm else None)
+    reward_model = (tu.load_model(args.rm, AutoModelForSequenceClassification, device, dtype,
+                                  args.trust_remote_code, num_labels=1).eval() if args.rm else None)
     ref_name, ref_path = ("ref", args.ref) if args.ref else named[0]
-    _, ref = load_policy(ref_path, device, dtype)
+    _, ref = load_policy(ref_path, device, dtype, args.trust_remote_code)
     eos_ids = [tokenizer.eos_token_id]
 
     results, predictions = [], []
     for name, path in named:
-        tok, model = load_policy(path, device, dtype)
+        tok, model = load_policy(path, device, dtype, args.trust_remote_code)
         if tok.get_vocab() != tokenizer.get_vocab():
             raise UserError(f"{path}: its tokenizer differs from {named[0][1]}'s; compare models of one pipeline")
         torch.manual_seed(args.seed)  # every model samples with the same seed

@@ -208,6 +208,9 @@ def load_adapter(model, adapter_dir):
             raise ValueError(f"{adapter_dir}: not a LoRA adapter dir, {os.path.basename(path)} is missing")
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
+    if not isinstance(config, dict):
+        raise ValueError(f"{adapter_dir}: adapter_config.json must be a JSON object, "
+                         f"got {type(config).__name__}")
     for field, value in {"peft_type": "LORA", **PLAIN_LORA}.items():
         if config.get(field, value) != value:
             raise ValueError(f"{adapter_dir}: adapter_config.json has {field}={config[field]!r}; nanorlhf "

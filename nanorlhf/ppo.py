@@ -27,42 +27,49 @@ def _at_least_float32(x):
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def masked_mean(x, mask, dim=None):
+def masked_mean(x, mask, dim=None, reduce=None):
     """Mean of x over real tokens: sum_{mask=1} x / sum(mask).
 
     x, mask: [B, T]. dim=None averages over everything (a scalar); dim=1 gives one mean
     per row ([B]). Where there is no real token at all the mean is 0, not nan.
+    reduce (dim=None only): a function that sums a tensor over the processes of a torchrun
+    run (distributed.sum_over_ranks), so the mean is over every process's tokens; None = this batch.
     """
     real = _real(mask)
     total, count = _zero_padding(x, real).sum(dim=dim), real.sum(dim=dim)
+    if reduce is not None:
+        total, count = reduce(torch.stack([total, count.to(total.dtype)]))
     return total / count.clamp(min=1).to(total.dtype)
 
 
-def masked_var(x, mask, unbiased=True):
+def masked_var(x, mask, unbiased=True, reduce=None):
     """Variance of x over real tokens (a scalar): sum (x - mean)^2 / (n - 1), or / n if not unbiased.
 
     The unbiased estimate needs n >= 2 real tokens; with fewer we return 0, so that
-    whitening maps a lone token to its mean instead of to nan.
+    whitening maps a lone token to its mean instead of to nan. reduce: as in masked_mean.
     """
     real = _real(mask)
     x = _zero_padding(x, real)
-    mean = masked_mean(x, mask)
+    mean = masked_mean(x, mask, reduce=reduce)
     n = real.sum().to(mean.dtype)
     sum_sq = (_zero_padding(x - mean, real) ** 2).sum()
+    if reduce is not None:
+        n, sum_sq = reduce(torch.stack([n, sum_sq]))
     denominator = n - 1 if unbiased else n
     return sum_sq / denominator if denominator >= 1 else torch.zeros_like(sum_sq)
 
 
-def masked_whiten(x, mask, shift_mean=True):
+def masked_whiten(x, mask, shift_mean=True, reduce=None):
     """Normalise x to mean 0, variance 1 over the real tokens of the whole batch: [B, T] -> [B, T].
 
     whitened = (x - mean) / sqrt(var + 1e-8), var unbiased as in TRL's PPOTrainer.
     With shift_mean=False the mean is added back (only the scale changes), which is how
-    rewards are whitened in lm-human-preferences. Padding is 0.
+    rewards are whitened in lm-human-preferences. Padding is 0. reduce: as in masked_mean (under
+    torchrun the mean and variance are those of every process's batch).
     """
     real = _real(mask)
     x = _zero_padding(x, real)
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = masked_mean(x, mask, reduce=reduce), masked_var(x, mask, reduce=reduce)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
@@ -218,18 +225,18 @@ def value_loss(values, old_values, returns, mask, cliprange_value):
     return loss, stats
 
 
-def explained_variance(values, returns, mask):
+def explained_variance(values, returns, mask, reduce=None):
     """How much of the returns' variance the critic explains: 1 - var(returns - values) / var(returns).
 
     Over real tokens, a detached scalar. 1 is perfect, 0 is no better than a constant,
-    negative is worse. nan when the returns do not vary at all (as in cleanrl).
+    negative is worse. nan when the returns do not vary at all (as in cleanrl). reduce: as in masked_mean.
     """
     real = _real(mask)
     values, returns = _zero_padding(values, real), _zero_padding(returns, real)
-    var_returns = masked_var(returns, mask, unbiased=False)
+    var_returns = masked_var(returns, mask, unbiased=False, reduce=reduce)
     if var_returns == 0:
         return torch.full((), float("nan"), dtype=returns.dtype, device=returns.device)
-    return (1 - masked_var(returns - values, mask, unbiased=False) / var_returns).detach()
+    return (1 - masked_var(returns - values, mask, unbiased=False, reduce=reduce) / var_returns).detach()
 
 
 class AdaptiveKLController:

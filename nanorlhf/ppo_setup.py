@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from nanorlhf import train_utils as tu
 from nanorlhf.errors import UserError
 from nanorlhf.lora import add_lora, save_adapter
+from nanorlhf.rollout import critic_values, policy_logits
 
 
 @dataclasses.dataclass
@@ -43,6 +44,26 @@ class PPOModels:
                 self.critic.save_pretrained(critic_dir, safe_serialization=True)
             save_file({k: v.detach().cpu().contiguous() for k, v in self.v_head.state_dict().items()},
                       os.path.join(critic_dir, "value_head.safetensors"))
+
+
+class PolicyAndValue(nn.Module):
+    """What PPO trains, as one module: forward(query, response, mask, query_mask) -> (logits [B, R, V]
+    of the policy, temperature-scaled; values [B, R] of the critic, or None without one).
+
+    One module so that one DistributedDataParallel wraps both: DDP syncs the gradients of what runs
+    through the forward of the module it wraps, and the critic's values come from its backbone, not
+    its forward (TRL's PolicyAndValueWrapper is the same idea). Rollout and scoring use the modules
+    themselves, without gradients."""
+
+    def __init__(self, policy, critic, v_head, temperature):
+        super().__init__()
+        self.policy, self.critic, self.v_head, self.temperature = policy, critic, v_head, temperature
+
+    def forward(self, query, response, mask, query_mask):
+        logits = policy_logits(self.policy, query, response, mask, query_mask, self.temperature)
+        if self.critic is None:
+            return logits, None
+        return logits, critic_values(self.critic, self.v_head, query, response, mask, query_mask)
 
 
 def _frozen(model):
@@ -93,9 +114,11 @@ def check_same_tokenizer(policy_tok, rm_tok, policy_path, rm_path):
     """The reward model reads the policy's token ids, so both must map text to the same ids."""
     a, b = policy_tok.get_vocab(), rm_tok.get_vocab()
     if a != b:
-        differs = next((t for t in a if b.get(t) != a[t]), None) or next(t for t in b if t not in a)
+        tokens_a, tokens_b = ({i: t for t, i in vocab.items()} for vocab in (a, b))
+        i = min(i for i in tokens_a.keys() | tokens_b.keys() if tokens_a.get(i) != tokens_b.get(i))
         raise UserError(f"--sft {policy_path} and --rm {rm_path} have different tokenizers ({len(a)} vs {len(b)} "
-                        f"tokens; {differs!r} differs): train the reward model from the SFT model")
+                        f"tokens; id {i} is {tokens_a.get(i)!r} vs {tokens_b.get(i)!r}): "
+                        "train the reward model from the SFT model")
     for name in ("eos_token_id", "pad_token_id"):
         if getattr(policy_tok, name) != getattr(rm_tok, name):
             raise UserError(f"--sft {policy_path} and --rm {rm_path} disagree on {name}")
@@ -123,6 +146,6 @@ def load_ppo_checkpoint(args, m, optimizer, scheduler, kl_ctl):
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     kl_ctl.load_state_dict(state["kl_ctl"])
-    tu.set_rng_state(state["rng"])
+    tu.restore_rng(state)
     tu.info(f"resumed from {path} (iteration {state['step']})")
     return state["step"]

@@ -9,11 +9,13 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 
 import numpy as np
 import torch
 
+from nanorlhf import distributed as dist
 from nanorlhf.errors import UserError
 
 
@@ -48,6 +50,8 @@ class BaseArgs:
     device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     dtype: str = dataclasses.field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
     trust_remote_code: bool = dataclasses.field(default=False, metadata={"help": "allow a model's own code"})
+    report_to: str = dataclasses.field(default="none", metadata={
+        "help": "also log to: none | tensorboard (output_dir/tensorboard)", "choices": ["none", "tensorboard"]})
 
 
 def parse_args(cls, argv=None):
@@ -64,6 +68,8 @@ def parse_args(cls, argv=None):
     args = cls(**vars(parser.parse_args(argv)))
     if getattr(args, "finetuning_type", "lora") not in ("lora", "full"):
         raise UserError(f"--finetuning_type must be lora or full, got {args.finetuning_type!r}")
+    if getattr(args, "report_to", "none") == "tensorboard":
+        tensorboard_writer_class()  # fail now, before anything is loaded or written
     return args
 
 
@@ -184,23 +190,67 @@ def lm_loss_sum(logits, labels):
 
 # ---------------------------------------------------------------- metrics
 
-class Metrics:
-    """Appends one JSON object per logged step to output_dir/metrics.jsonl."""
+def tensorboard_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--report_to tensorboard needs tensorboard: pip install tensorboard") from None
+    return SummaryWriter
 
-    def __init__(self, output_dir, resume_step=0):
+
+def _logged_step(line):
+    """The step of one metrics.jsonl line; a line cut short by a killed run counts as never logged."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+class Metrics:
+    """Appends one JSON object per logged step to output_dir/metrics.jsonl (and to TensorBoard with
+    report_to="tensorboard"); close() draws output_dir/curves.png when matplotlib is installed."""
+
+    def __init__(self, output_dir, resume_step=0, report_to="none"):
+        self.output_dir = output_dir
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.writer = None
+        self.enabled = dist.is_main()  # under torchrun only rank 0 writes (every rank logs the same numbers)
+        if not self.enabled:
+            return
+        if report_to == "tensorboard":  # purge_step: a resumed run overwrites the steps it redoes
+            self.writer = tensorboard_writer_class()(os.path.join(output_dir, "tensorboard"),
+                                                     purge_step=resume_step + 1 if resume_step else None)
         if os.path.exists(self.path):  # a resumed run drops the lines logged after its checkpoint
             with open(self.path, encoding="utf-8") as f:
-                kept = [line for line in f if line.strip() and resume_step and json.loads(line)["step"] <= resume_step]
-            with open(self.path, "w", encoding="utf-8") as f:
+                kept = [line for line in f if resume_step and _logged_step(line) <= resume_step]
+            with open(self.path + ".tmp", "w", encoding="utf-8") as f:
                 f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
 
     def log(self, step, **values):
         row = {"step": step, **{k: (float(v) if isinstance(v, (float, int, torch.Tensor)) else v)
                                 for k, v in values.items()}}
+        if not self.enabled:
+            return row
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if self.writer is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, float):
+                    self.writer.add_scalar(k, v, step)
         return row
+
+    def close(self):
+        """Draw the learning curves into output_dir/curves.png (skipped without matplotlib) and
+        close the TensorBoard writer. Call it once, when training ends."""
+        from nanorlhf.plots import plot_run
+
+        if not self.enabled:
+            return
+        plot_run(self.output_dir)
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 # ---------------------------------------------------------------- saving and checkpoints
@@ -229,7 +279,17 @@ def save_model(model, tokenizer, out_dir, lora, base_path="", task_type="CAUSAL_
 
 def atomic_save(final_dir, write):
     """Call write(tmp_dir), then move its files into final_dir by rename: a run killed at any
-    moment leaves either the old files or the new ones, never half a file."""
+    moment leaves either the old files or the new ones, never half a file.
+
+    Under torchrun every rank calls it: rank 0 writes, and no rank goes on until the files are there."""
+    if not dist.is_main():
+        dist.barrier()
+        return
+    _atomic_save(final_dir, write)
+    dist.barrier()
+
+
+def _atomic_save(final_dir, write):
     parent = os.path.dirname(os.path.abspath(final_dir))
     tmp = os.path.join(parent, f".tmp-{os.path.basename(final_dir)}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -240,8 +300,12 @@ def atomic_save(final_dir, write):
         os.replace(tmp, final_dir)  # a whole checkpoint appears at once
         return
     os.makedirs(final_dir, exist_ok=True)
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(final_dir, name))
+    # the file a loader looks for goes last: a dir that has it has everything else
+    for name in sorted(os.listdir(tmp), key=lambda n: n in ("config.json", "adapter_config.json")):
+        target = os.path.join(final_dir, name)
+        if os.path.isdir(target):  # a folder (PPO's critic/) from an earlier save: rename cannot overwrite it
+            shutil.rmtree(target)
+        os.replace(os.path.join(tmp, name), target)
     os.rmdir(tmp)
 
 
@@ -262,15 +326,31 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore_rng(trainer_state):
+    """Restore this process's random state from a checkpoint (under torchrun: this rank's own)."""
+    states = trainer_state.get("rng_per_rank") or [trainer_state["rng"]]
+    if len(states) == dist.world_size():
+        set_rng_state(states[dist.rank()])
+    else:  # saved by another number of processes: give each rank a stream of its own
+        info(f"the checkpoint was saved by {len(states)} process(es), this run has {dist.world_size()}: "
+             "random streams restart, so the run will not match an uninterrupted one exactly")
+        set_seed(1000 * trainer_state["step"] + dist.rank())
+
+
 def save_checkpoint(output_dir, step, save_weights, trainer_state, save_total_limit=2):
     """output_dir/checkpoint-STEP/: the weights (save_weights(dir)), and trainer_state.pt holding
-    optimizer, scheduler, RNG states and whatever else the loop needs to resume exactly."""
+    optimizer, scheduler, RNG states and whatever else the loop needs to resume exactly.
+    Under torchrun every rank calls it; rank 0 writes, with every rank's RNG state in "rng_per_rank"."""
+    rng = rng_state()
+    if dist.world_size() > 1:
+        trainer_state = {**trainer_state, "rng_per_rank": dist.gather(rng)}
+
     def write(tmp):
         save_weights(tmp)
-        torch.save({**trainer_state, "rng": rng_state(), "step": step}, os.path.join(tmp, "trainer_state.pt"))
+        torch.save({**trainer_state, "rng": rng, "step": step}, os.path.join(tmp, "trainer_state.pt"))
 
     atomic_save(os.path.join(output_dir, f"checkpoint-{step}"), write)
-    if save_total_limit > 0:
+    if save_total_limit > 0 and dist.is_main():
         for old in list_checkpoints(output_dir)[:-save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -297,17 +377,49 @@ def describe(model):
 
 
 def info(msg):
-    print(msg, file=sys.stderr, flush=True)
+    if dist.is_main():  # under torchrun only rank 0 speaks
+        print(msg, file=sys.stderr, flush=True)
 
 
-def micro_batches(n, batch_size, seed, skip=0):
+class CtrlC:
+    """From creation until restore(), Ctrl-C (SIGINT) asks the training loop to stop after the current
+    step rather than at once: a step cut in half (inside optimizer.step(), say) would leave a state no
+    checkpoint should hold. The loop checks `pressed` after each step. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.pressed = False
+        self._previous = signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        info("Ctrl-C: stopping after this step to save a checkpoint (Ctrl-C again to stop at once)")
+
+    def restore(self):
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def batches_per_epoch(n, batch_size, world_size=1):
+    """How many micro-batches micro_batches(n, batch_size, ..., world_size) yields per epoch."""
+    return math.ceil((n - n % world_size) / batch_size)
+
+
+def micro_batches(n, batch_size, seed, skip=0, world_size=1):
     """Endless (epoch, indices) micro-batches over n examples, reshuffled every epoch; the first
-    `skip` are passed over (that is how a resumed run finds its place in the data)."""
-    per_epoch = math.ceil(n / batch_size)
+    `skip` are passed over (that is how a resumed run finds its place in the data).
+
+    Under torchrun, batch_size is the global micro-batch (per device x world_size) and every epoch
+    leaves out its last n % world_size examples (as DistributedSampler(drop_last=True) does), so
+    every micro-batch, the last of an epoch included, splits into equal shares over the ranks."""
+    used = n - n % world_size
+    if used == 0:
+        raise UserError(f"{n} examples cannot be shared by {world_size} processes")
+    per_epoch = batches_per_epoch(n, batch_size, world_size)
     k = skip
     while True:
         epoch, i = divmod(k, per_epoch)
-        order = batch_order(n, seed, epoch)
+        order = batch_order(n, seed, epoch)[:used]
         yield epoch, order[i * batch_size:(i + 1) * batch_size]
         k += 1
 
@@ -354,6 +466,6 @@ def resume_from(args, model, optimizer, scheduler):
     trainer_state = load_trainer_state(path)
     optimizer.load_state_dict(trainer_state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])
-    set_rng_state(trainer_state["rng"])
+    restore_rng(trainer_state)
     info(f"resumed from {path} (step {trainer_state['step']})")
     return trainer_state

@@ -12,7 +12,9 @@ DEMO = os.path.join(ROOT, "data", "demo")
 
 def run_script(script, *args, check=True, timeout=600):
     """Run one of the stage scripts as a user would; returns the CompletedProcess."""
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONHASHSEED": "0"}
+    # One thread: the tiny models are too small for two to help, and a fixed thread count keeps
+    # float results (and so the resume bit-identity tests) the same from run to run.
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -105,10 +105,15 @@ def test_chinese_text_is_present_and_round_trips():
     assert sum(r["lang"] == "zh" for r in test) == sum(r["lang"] == "en" for r in test)
 
 
-def test_sft_answers_never_say_when_to_see_a_doctor():
-    for rec in read_jsonl("sft.jsonl"):
-        for turn in rec["conversations"]:
-            assert "doctor" not in turn["value"] and "就医" not in turn["value"]
+def test_sft_answers_are_mostly_short():
+    # most answers leave out when to see a doctor; about FULLER_SFT_SHARE (15%) say it, so PPO has
+    # a fuller answer it can sometimes sample and reinforce
+    answers = [turn["value"] for rec in read_jsonl("sft.jsonl") for turn in rec["conversations"]
+               if turn["from"] == "gpt"]
+    fuller = sum("doctor" in a or "就医" in a for a in answers)
+    assert 0.10 <= fuller / len(answers) <= 0.20
+    for rec in read_jsonl("sft_alpaca.jsonl"):
+        assert "doctor" not in rec["output"] and "就医" not in rec["output"]
 
 
 # ---- the rubric ---------------------------------------------------------------------------------

@@ -6,16 +6,17 @@ Twelve everyday conditions, each with a few symptoms, one piece of advice and on
 when to see a doctor, in English and Chinese. From them come the four stages' data:
 
     pt.txt          encyclopedic sentences (continued pretraining)
-    sft.jsonl       sharegpt dialogues whose answers are SHORT: condition + advice, no doctor
+    sft.jsonl       sharegpt dialogues whose answers are mostly SHORT: condition + advice
     sft_alpaca.jsonl  the same kind of answer in the alpaca format
     rm.jsonl        preference pairs: chosen = condition + advice + doctor, rejected = worse
     rm_test.jsonl   held-out preference pairs
     ppo.jsonl       prompts for PPO
     test.jsonl      held-out prompts with the full reference answer
 
-The SFT answers leave out the doctor sentence on purpose (as in MedicalGPT's covid-doctor demo):
+Most SFT answers leave out the doctor sentence on purpose (as in MedicalGPT's covid-doctor demo):
 the reward model learns from rm.jsonl that fuller answers are better, so PPO has something real
-to improve. nanorlhf/rubric.py scores answers against world.json by rule, independently of the
+to improve. A few (FULLER_SFT_SHARE) do say it: PPO can only reinforce what the policy sometimes
+samples, and a tiny model never invents a sentence it has not seen in an answer. nanorlhf/rubric.py scores answers against world.json by rule, independently of the
 reward model, so a rise in reward can be told apart from reward hacking.
 
 Deterministic: one random.Random per split, fixed seeds, stable ordering; running it twice gives
@@ -249,6 +250,7 @@ GENERIC_ZH = [
 
 # Split sizes and how often each kind of rejected answer appears in the preference data.
 N_PT, N_SFT, N_ALPACA, N_RM, N_RM_TEST, N_PPO, N_TEST_PER_CONDITION = 2000, 800, 50, 800, 150, 300, 5
+FULLER_SFT_SHARE = 0.15  # SFT answers that also say when to see a doctor
 REJECTED_KINDS = [("short", 0.35), ("wrong_condition", 0.25), ("terse", 0.20), ("repetitive", 0.20)]
 
 
@@ -360,8 +362,9 @@ def make_sft(rng, sampler):
         turns = []
         if rng.random() < 0.05:
             turns.append({"from": "system", "value": SYSTEM[lang]})
+        answer = full_answer if rng.random() < FULLER_SFT_SHARE else short_answer
         turns += [{"from": "human", "value": sampler.draw(c, lang, rng)},
-                  {"from": "gpt", "value": short_answer(c, lang, rng.randrange(3))}]
+                  {"from": "gpt", "value": answer(c, lang, rng.randrange(3))}]
         if rng.random() < 0.10:
             question, reply = rng.choice(FOLLOW_UPS[lang])
             turns += [{"from": "human", "value": question}, {"from": "gpt", "value": reply}]

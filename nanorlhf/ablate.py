@@ -1,0 +1,205 @@
+"""Ablate PPO: train named variants from the same SFT and reward model over several seeds,
+evaluate each on held-out prompts, and tabulate mean ± sd.
+
+    python -m nanorlhf.ablate --sft runs/demo/sft-merged --rm runs/demo/rm-merged \\
+        --data data/demo/ppo.jsonl --eval_data data/demo/test.jsonl --output_dir runs/ablate \\
+        --seeds 1,2,3 --variants baseline,no_kl,rloo -- --num_updates 20 --learning_rate 3e-4
+
+Everything after `--` goes to every train_ppo.py run (a variant's own flags come last and win).
+Each run trains into output_dir/VARIANT/seed-S (log: train.log), is evaluated greedily with
+nanorlhf.evaluate against the SFT model (eval/), and then writes result.json, last and atomically:
+a run that has it is reused, so an interrupted grid picks up where it stopped. At the end:
+results.md and results.json (mean ± sd over seeds) and curves.png (learning curves, seed mean).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from nanorlhf import plots
+from nanorlhf import train_utils as tu
+from nanorlhf.errors import Interrupted, UserError, run_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Each variant changes one thing from train_ppo.py's defaults (the baseline). train_ppo's
+# --batch_size counts responses, so rloo/grpo (4 samples of batch_size/4 prompts) see as many
+# responses per iteration as the others.
+VARIANTS = {
+    "baseline": [],
+    "no_kl": ["--kl_coef", "0"],
+    "k3": ["--kl_estimator", "k3"],
+    "no_whiten_adv": ["--no-whiten_advantages"],
+    "no_value_clip": ["--cliprange_value", "0"],
+    "lambda_1": ["--lam", "1.0"],
+    "reinforce": ["--advantage_estimator", "reinforce"],
+    "rloo": ["--advantage_estimator", "rloo", "--num_samples_per_prompt", "4"],
+    "grpo": ["--advantage_estimator", "grpo", "--num_samples_per_prompt", "4"],
+}
+# What the table reports: evaluate.py's results for the final policy, and the training wall time
+# (of the train_ppo.py process, startup included; a resumed run counts only the part after resuming).
+COLUMNS = ["rm_score", "gold", "kl_to_sft", "response_length", "wall_s"]
+CURVES = ["objective/scores", "objective/kl"]
+
+
+def write_file(path, text):
+    """Write a file atomically (a temp name, then rename): it is whole or absent."""
+    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path, value):
+    write_file(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def run_logged(argv, log_path, what):
+    """Run a command with its output in log_path; returns (exit status, seconds, last log line)."""
+    start = time.time()
+    with open(log_path, "w", encoding="utf-8") as log:
+        child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
+        try:
+            rc = child.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached the child too: let it save its checkpoint and stop
+            child.wait()
+            raise
+    with open(log_path, encoding="utf-8") as log:
+        lines = [line.strip() for line in log if line.strip()]
+    last = lines[-1] if lines else ""
+    if rc not in (0, 3):  # 3 = training diverged: a result, recorded; anything else stops the grid
+        raise UserError(f"{what} failed (exit {rc}): {last} (log: {log_path})")
+    return rc, time.time() - start, last
+
+
+def train_and_evaluate(args, extra, variant, seed, run_dir):
+    """One cell of the grid: train_ppo.py, then evaluate.py; returns its result (also result.json)."""
+    os.makedirs(run_dir, exist_ok=True)
+    train = [sys.executable, os.path.join(ROOT, "train_ppo.py"), "--sft", args.sft, "--rm", args.rm,
+             "--data", args.data, "--output_dir", run_dir, "--seed", str(seed), *extra, *VARIANTS[variant]]
+    if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        train.append("--resume")  # an interrupted run continues from its last checkpoint (if any)
+    rc, wall_s, last = run_logged(train, os.path.join(run_dir, "train.log"), f"{variant} seed {seed}: train_ppo.py")
+    result = {"variant": variant, "seed": seed, "flags": extra + VARIANTS[variant], "wall_s": wall_s}
+    if rc == 3:
+        result["diverged"] = last
+    else:
+        evaluate = [sys.executable, "-m", "nanorlhf.evaluate", f"{variant}={run_dir}", "--ref", args.sft,
+                    "--rm", args.rm, "--data", args.eval_data, "--world", args.world,
+                    "--output_dir", os.path.join(run_dir, "eval"),
+                    "--max_new_tokens", str(args.eval_max_new_tokens), "--seed", str(seed)]
+        run_logged(evaluate, os.path.join(run_dir, "eval.log"), f"{variant} seed {seed}: evaluate")
+        with open(os.path.join(run_dir, "eval", "results.json"), encoding="utf-8") as f:
+            evaluated = json.load(f)[0]
+        evaluated["kl_to_sft"] = evaluated.pop("kl_to_ref")
+        result.update({k: v for k, v in evaluated.items() if k not in ("model", "n")})
+    write_json(os.path.join(run_dir, "result.json"), result)  # the marker: written last
+    return result
+
+
+def summarize(variant, results):
+    """Mean and sd over the seeds that finished (sd None with one seed)."""
+    row = {"variant": variant, "flags": " ".join(VARIANTS[variant]) or "(defaults)",
+           "seeds": len(results), "diverged": sum("diverged" in r for r in results)}
+    for col in COLUMNS:
+        values = [r[col] for r in results if col in r]
+        if values:
+            row[col] = statistics.mean(values)
+            row[col + "_sd"] = statistics.stdev(values) if len(values) > 1 else None
+    return row
+
+
+def markdown_table(rows):
+    lines = ["| variant | flags | " + " | ".join(COLUMNS) + " | seeds |", "|" + "---|" * (len(COLUMNS) + 3)]
+    for row in rows:
+        cells = [("–" if c not in row else f"{row[c]:.3f}" if row[c + "_sd"] is None
+                  else f"{row[c]:.3f} ± {row[c + '_sd']:.3f}") for c in COLUMNS]
+        seeds = f"{row['seeds']}" + (f" ({row['diverged']} diverged)" if row["diverged"] else "")
+        lines.append(f"| {row['variant']} | `{row['flags']}` | " + " | ".join(cells) + f" | {seeds} |")
+    return "\n".join(lines)
+
+
+def mean_curve(runs_rows):
+    """The seed mean of each curve, at the steps every seed logged."""
+    by_step = [{r["step"]: r for r in rows} for rows in runs_rows if rows]
+    steps = sorted(set.intersection(*(set(d) for d in by_step))) if by_step else []
+    return [{"step": s, **{k: statistics.mean(d[s][k] for d in by_step) for k in CURVES
+                          if all(k in d[s] for d in by_step)}} for s in steps]
+
+
+def main():
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="variants: " + ", ".join(VARIANTS))
+    parser.add_argument("--sft", required=True, help="the SFT policy (a merged model dir)")
+    parser.add_argument("--rm", required=True, help="the reward model (a merged RM dir)")
+    parser.add_argument("--data", required=True, help="PPO training prompts")
+    parser.add_argument("--eval_data", default="data/demo/test.jsonl", help="held-out prompts")
+    parser.add_argument("--output_dir", default="runs/ablate")
+    parser.add_argument("--seeds", default="1,2,3", help="comma-separated seeds")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names")
+    parser.add_argument("--world", default=os.path.join(ROOT, "data", "demo", "world.json"),
+                        help="the demo world, for the gold rubric")
+    parser.add_argument("--eval_max_new_tokens", type=int, default=48, help="answer length in evaluation")
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise UserError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    tu.check_model_dir(args.sft, "--sft")
+    tu.check_model_dir(args.rm, "--rm")
+    for path in args.data.split(",") + args.eval_data.split(","):
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no such file (--data / --eval_data)")
+    if not os.path.isfile(os.path.join(ROOT, "train_ppo.py")):
+        raise UserError(f"{ROOT}: no train_ppo.py; run the ablation from a nanorlhf checkout")
+    args.sft, args.rm = os.path.abspath(args.sft), os.path.abspath(args.rm)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    results = {v: [] for v in variants}
+    cells = [(v, s) for v in variants for s in seeds]
+    for i, (variant, seed) in enumerate(cells, 1):
+        run_dir = os.path.join(args.output_dir, variant, f"seed-{seed}")
+        marker = os.path.join(run_dir, "result.json")
+        if os.path.isfile(marker):
+            with open(marker, encoding="utf-8") as f:
+                results[variant].append(json.load(f))
+            if results[variant][-1]["flags"] != extra + VARIANTS[variant]:
+                raise UserError(f"{run_dir}: ran with other flags ({' '.join(results[variant][-1]['flags'])}); "
+                                "choose another --output_dir")
+            tu.info(f"[{i}/{len(cells)}] {variant} seed {seed}: reused (finished before)")
+            continue
+        tu.info(f"[{i}/{len(cells)}] {variant} seed {seed}: training ...")
+        try:
+            result = train_and_evaluate(args, extra, variant, seed, run_dir)
+        except KeyboardInterrupt:
+            raise Interrupted(f"{variant} seed {seed} stopped; run the same command again to continue") from None
+        results[variant].append(result)
+        outcome = (f"diverged: {result['diverged']}" if "diverged" in result
+                   else f"rm_score {result['rm_score']:.3f}, {result['wall_s']:.0f} s")
+        tu.info(f"[{i}/{len(cells)}] {variant} seed {seed}: {outcome}")
+
+    rows = [summarize(v, results[v]) for v in variants]
+    table = markdown_table(rows)
+    write_file(os.path.join(args.output_dir, "results.md"),
+               f"PPO ablation: mean ± sd over seeds {args.seeds}; extra flags: `{' '.join(extra) or '-'}`\n\n{table}\n")
+    write_json(os.path.join(args.output_dir, "results.json"),
+               {"summary": rows, "runs": [r for v in variants for r in results[v]], "extra_flags": extra})
+    run_dirs = {v: [os.path.join(args.output_dir, v, f"seed-{s}") for s in seeds] for v in variants}
+    curves = {v: mean_curve([plots.read_metrics(d) for d in dirs if os.path.isfile(os.path.join(d, "metrics.jsonl"))])
+              for v, dirs in run_dirs.items()}
+    plots.plot(curves, os.path.join(args.output_dir, "curves.png"), CURVES, title="seed mean")
+    print(table)
+
+
+if __name__ == "__main__":
+    run_main(main)

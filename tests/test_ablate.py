@@ -1,0 +1,108 @@
+"""nanorlhf.ablate: the presets are valid train_ppo.py flags; a tiny grid end to end, and its reuse."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+from conftest import DEMO, ROOT
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from nanorlhf import ablate as ablate_module
+from nanorlhf import train_utils as tu
+from nanorlhf.ablate import VARIANTS, markdown_table, mean_curve, summarize
+from nanorlhf.errors import UserError
+
+TINY = ["--num_updates", 1, "--batch_size", 4, "--response_length", 8, "--ppo_epochs", 1, "--logging_steps", 1]
+
+
+def load_train_ppo():
+    spec = importlib.util.spec_from_file_location("train_ppo", os.path.join(ROOT, "train_ppo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_preset_is_valid_train_ppo_flags_and_keeps_the_responses_per_iteration():
+    train_ppo = load_train_ppo()
+    baseline = tu.parse_args(train_ppo.Args, [])
+    for name, flags in VARIANTS.items():
+        args = tu.parse_args(train_ppo.Args, flags)
+        changed = {k for k, v in vars(args).items() if v != getattr(baseline, k)}
+        assert changed or name == "baseline", name
+        assert args.batch_size == baseline.batch_size and args.batch_size % args.num_samples_per_prompt == 0
+    assert tu.parse_args(train_ppo.Args, VARIANTS["no_kl"]).kl_coef == 0
+    assert tu.parse_args(train_ppo.Args, VARIANTS["rloo"]).num_samples_per_prompt == 4
+
+
+def test_summary_is_mean_and_sd_over_seeds_and_the_curve_a_seed_mean():
+    results = [{"rm_score": 1.0, "wall_s": 10.0}, {"rm_score": 3.0, "wall_s": 20.0}, {"diverged": "nan"}]
+    row = summarize("no_kl", results)
+    assert (row["rm_score"], row["rm_score_sd"], row["seeds"], row["diverged"]) == (2.0, 2 ** 0.5, 3, 1)
+    assert "| no_kl | `--kl_coef 0` | 2.000 ± 1.414 | – |" in markdown_table([row])
+    curve = mean_curve([[{"step": 1, "objective/scores": 1.0}, {"step": 2, "objective/scores": 3.0}],
+                        [{"step": 1, "objective/scores": 2.0}]])
+    assert curve == [{"step": 1, "objective/scores": 1.5}]  # only the steps every seed logged
+
+
+def test_unknown_variant_is_one_clear_error(tiny_model_dir, monkeypatch):
+    with pytest.raises(UserError, match="choose from baseline, no_kl"):
+        ablate(monkeypatch, "--sft", tiny_model_dir, "--rm", tiny_model_dir, "--data", f"{DEMO}/ppo.jsonl",
+               "--variants", "baseline,no_such")
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tiny_model_dir, tmp_path_factory):
+    """A reward model: the tiny LM's backbone with a (random) scalar head."""
+    out = str(tmp_path_factory.mktemp("rm"))
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def ablate(monkeypatch, *args):
+    """Run the grid in this process (its training and evaluation runs are subprocesses)."""
+    monkeypatch.setattr(sys, "argv", ["ablate", *map(str, args)])
+    ablate_module.main()
+
+
+@pytest.mark.slow
+def test_grid_writes_the_table_and_reuses_finished_runs(tiny_model_dir, rm_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # on a busy 2-core machine threads slow a tiny model ~10x
+    out = tmp_path / "ablate"
+    argv = ["--sft", tiny_model_dir, "--rm", rm_dir, "--data", f"{DEMO}/ppo.jsonl", "--eval_data", f"{DEMO}/test.jsonl",
+            "--output_dir", out, "--seeds", 1, "--variants", "baseline,grpo", "--eval_max_new_tokens", 4, "--", *TINY]
+    ablate(monkeypatch, *argv)
+    table = (out / "results.md").read_text(encoding="utf-8").splitlines()
+    assert [line.split("|")[1].strip() for line in table if line.startswith("| ")][1:] == ["baseline", "grpo"]
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    for row in summary:
+        assert {"rm_score", "gold", "kl_to_sft", "response_length", "wall_s"} <= set(row)
+    grpo = json.loads((out / "grpo" / "seed-1" / "result.json").read_text())
+    assert grpo["flags"][-4:] == ["--advantage_estimator", "grpo", "--num_samples_per_prompt", "4"]
+    assert (out / "grpo" / "seed-1" / "adapter_model.safetensors").exists()
+    if importlib.util.find_spec("matplotlib"):  # the grid's curves, and each run's own
+        assert (out / "curves.png").exists() and (out / "grpo" / "seed-1" / "curves.png").exists()
+    markers = {v: (out / v / "seed-1" / "result.json").stat().st_mtime_ns for v in ("baseline", "grpo")}
+    logs = {v: (out / v / "seed-1" / "train.log").stat().st_mtime_ns for v in ("baseline", "grpo")}
+
+    capsys.readouterr()
+
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError(f"started {args[0][:2]}")
+
+    monkeypatch.setattr(ablate_module.subprocess, "Popen", no_subprocess)
+    ablate(monkeypatch, *argv)  # an interrupted or repeated grid: finished runs are not run again
+    assert capsys.readouterr().err.count("reused (finished before)") == 2
+    assert markers == {v: (out / v / "seed-1" / "result.json").stat().st_mtime_ns for v in markers}
+    assert logs == {v: (out / v / "seed-1" / "train.log").stat().st_mtime_ns for v in logs}
+    assert (out / "results.md").read_text(encoding="utf-8").splitlines() == table
+    with pytest.raises(UserError, match="ran with other flags"):  # never mix runs of two settings
+        ablate(monkeypatch, *argv, "--kl_coef", 0.1)

@@ -1,0 +1,190 @@
+"""Checkpoints under fire: a run killed with SIGKILL right after a checkpoint and resumed with
+--resume ends bit-identical (on CPU) to a run never interrupted, for SFT, RM and PPO; Ctrl-C saves
+a checkpoint and exits cleanly; a diverged run stops and keeps its last good checkpoint.
+
+Every run goes through the real scripts, as forks of one process that imported them once (launcher.py).
+"""
+
+import json
+import os
+import re
+import signal
+
+import pytest
+import torch
+from conftest import DEMO
+from launcher import Launcher, wait_for
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+pytestmark = pytest.mark.slow
+
+# lora_dropout > 0: every step draws random numbers, so a resume that restores the RNG wrongly shows
+SFT = ["--max_steps", 8, "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 2,
+       "--max_length", 64, "--learning_rate", 1e-3, "--lora_rank", 4, "--lora_dropout", 0.1,
+       "--logging_steps", 1]
+RM = ["--max_steps", 8, "--per_device_train_batch_size", 4, "--max_length", 128, "--learning_rate", 1e-3,
+      "--lora_rank", 4, "--lora_dropout", 0.1, "--logging_steps", 2, "--eval_steps", 4, "--val_size", 0.2,
+      "--normalize_scores"]
+# --target_kl: the adaptive KL coefficient is state the checkpoint must carry
+PPO = ["--num_updates", 5, "--batch_size", 4, "--response_length", 8, "--ppo_epochs", 2,
+       "--num_mini_batches", 2, "--temperature", 1.0, "--lora_rank", 4, "--target_kl", 0.01,
+       "--kl_horizon", 100, "--logging_steps", 1]
+
+
+@pytest.fixture(scope="module")
+def launcher(tmp_path_factory):
+    launcher = Launcher(str(tmp_path_factory.mktemp("stderr")))
+    yield launcher
+    launcher.close()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A few records of each demo file: 10 dialogues (2.5 epochs of SFT), 20 pairs, 12 prompts."""
+    root = tmp_path_factory.mktemp("data")
+    for name, n in (("sft.jsonl", 10), ("rm.jsonl", 20), ("ppo.jsonl", 12)):
+        with open(os.path.join(DEMO, name), encoding="utf-8") as f:
+            (root / name).write_text("".join(f.readlines()[:n]), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tiny_model_dir, tmp_path_factory):
+    """A reward model: the tiny LM's backbone with a random scalar head."""
+    out = str(tmp_path_factory.mktemp("rm"))
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def stage_args(stage, tiny_model_dir, rm_dir, data):
+    return {"sft": ["train_sft.py", "--model", tiny_model_dir, "--data", data / "sft.jsonl", *SFT],
+            "rm": ["train_rm.py", "--model", tiny_model_dir, "--data", data / "rm.jsonl", *RM],
+            "ppo": ["train_ppo.py", "--sft", tiny_model_dir, "--rm", rm_dir, "--data", data / "ppo.jsonl",
+                    *PPO]}[stage]
+
+
+def final_weights(out):
+    """Every safetensors file of the final save (policy, and for PPO the critic and value head)."""
+    found = {}
+    for folder, dirs, files in os.walk(out):
+        dirs[:] = [d for d in dirs if not d.startswith(("checkpoint-", ".tmp-"))]
+        for name in files:
+            if name.endswith(".safetensors"):
+                path = os.path.join(folder, name)
+                found.update({f"{os.path.relpath(path, out)}:{k}": v for k, v in load_file(path).items()})
+    return found
+
+
+def metrics(out):
+    """metrics.jsonl without the wall-clock timings."""
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in f]
+
+
+def checkpoints(out):
+    names = [n for n in os.listdir(out) if n.startswith("checkpoint-")]
+    return sorted(names, key=lambda n: int(n.split("-")[1]))
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def assert_same_run(out, reference):
+    ours, theirs = final_weights(out), final_weights(reference)
+    assert ours.keys() == theirs.keys() and ours
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 1e-6
+    assert metrics(out) == metrics(reference)
+    for name in ("adapter_config.json", "nanorlhf_config.json"):  # RM --normalize_scores writes the second
+        if os.path.exists(reference / name):
+            assert read_json(out / name) == read_json(reference / name)
+
+
+@pytest.fixture(scope="module")
+def unbroken(launcher, tiny_model_dir, rm_dir, data, tmp_path_factory):
+    """Each stage run once, never interrupted (and never checkpointed): the reference."""
+    root, outs = tmp_path_factory.mktemp("unbroken"), {}
+    for stage in ("sft", "rm", "ppo"):
+        outs[stage] = root / stage
+        code, stderr = launcher.run(*stage_args(stage, tiny_model_dir, rm_dir, data),
+                                    "--output_dir", outs[stage])
+        assert code == 0, stderr
+    return outs
+
+
+@pytest.mark.parametrize("stage,save_steps,kept", [("sft", 3, 6), ("rm", 3, 6), ("ppo", 2, 4)])
+def test_killed_run_resumed_ends_bit_identical_to_an_unbroken_one(stage, save_steps, kept, launcher, unbroken,
+                                                                   tiny_model_dir, rm_dir, data, tmp_path):
+    """SIGKILL right after checkpoint-<save_steps> appears, then --resume (--save_total_limit 1)."""
+    out = tmp_path / stage
+    cmd = [*stage_args(stage, tiny_model_dir, rm_dir, data), "--output_dir", out, "--save_steps", save_steps,
+           "--save_total_limit", 1]
+    pid = launcher.start(*cmd)
+    wait_for(out / f"checkpoint-{save_steps}" / "trainer_state.pt")
+    os.kill(pid, signal.SIGKILL)
+    code, _ = launcher.wait()
+    assert code == -signal.SIGKILL  # killed before it could finish
+    code, stderr = launcher.run(*cmd, "--resume")
+    assert code == 0, stderr
+    assert f"resumed from {out / f'checkpoint-{save_steps}'}" in stderr
+    assert_same_run(out, unbroken[stage])
+    assert checkpoints(out) == [f"checkpoint-{kept}"]  # --save_total_limit 1; the end is the final save
+
+
+def test_ctrl_c_saves_a_checkpoint_of_the_current_step_and_resume_continues(launcher, unbroken, data,
+                                                                            tiny_model_dir, rm_dir, tmp_path):
+    out = tmp_path / "sft"
+    cmd = [*stage_args("sft", tiny_model_dir, rm_dir, data), "--output_dir", out, "--save_steps", 2]
+    pid = launcher.start(*cmd)
+    wait_for(out / "checkpoint-2" / "trainer_state.pt")
+    os.kill(pid, signal.SIGINT)
+    code, stderr = launcher.wait()
+    assert code == 130 and "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    match = re.fullmatch(rf"interrupted: saved checkpoint-(\d+) in {re.escape(str(out))}; "
+                         "continue with --resume", last)
+    assert match, stderr
+    step = int(match.group(1))
+    assert 2 <= step < 8 and checkpoints(out)[-1] == f"checkpoint-{step}"
+    assert metrics(out)[-1]["step"] == step  # the checkpoint holds the step it was at
+    assert not os.path.exists(out / "adapter_model.safetensors")  # no final model
+    code, stderr = launcher.run(*cmd, "--resume")
+    assert code == 0, stderr
+    assert_same_run(out, unbroken["sft"])
+
+
+def test_diverged_run_stops_with_exit_3_and_keeps_the_last_checkpoint(launcher, tiny_model_dir, rm_dir, data,
+                                                                      tmp_path):
+    out = tmp_path / "sft"
+    code, stderr = launcher.run(*stage_args("sft", tiny_model_dir, rm_dir, data), "--output_dir", out,
+                                "--save_steps", 1, "--learning_rate", 1e30)  # one step: weights ~1e30
+    assert code == 3 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == ("error: training diverged: loss is nan at step 2; "
+                                               "the last good checkpoint is kept")
+    assert checkpoints(out) == ["checkpoint-1"]
+    assert {"trainer_state.pt", "adapter_model.safetensors", "adapter_config.json"} <= set(
+        os.listdir(out / "checkpoint-1"))
+    assert not os.path.exists(out / "adapter_model.safetensors")  # no final model
+
+
+def test_reward_model_scoring_nan_stops_ppo_with_exit_3(launcher, tiny_model_dir, rm_dir, data, tmp_path):
+    nan_rm = tmp_path / "nan-rm"
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_dir)
+    with torch.no_grad():
+        rm.score.weight.fill_(float("nan"))
+    rm.save_pretrained(nan_rm)
+    AutoTokenizer.from_pretrained(rm_dir).save_pretrained(nan_rm)
+    out = tmp_path / "ppo"
+    code, stderr = launcher.run(*stage_args("ppo", tiny_model_dir, str(nan_rm), data),
+                                "--output_dir", out)
+    assert code == 3 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == ("error: training diverged: the reward model's score is nan "
+                                               "at step 1; the last good checkpoint is kept")
+    assert not os.path.exists(out / "adapter_model.safetensors")

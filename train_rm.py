@@ -1,0 +1,240 @@
+"""Stage 3, reward modelling: learn a score that ranks the chosen answer above the rejected one.
+
+    python train_rm.py --model runs/sft-merged --data data/demo/rm.jsonl --output_dir runs/rm
+    python merge_lora.py --base runs/sft-merged --adapter runs/rm --output_dir runs/rm-merged
+
+The reward model is the SFT model's backbone with a scalar head (transformers'
+AutoModelForSequenceClassification, num_labels=1) read at the EOS that ends the answer. For each
+pair the loss is -log sigmoid(r_chosen - r_rejected [- margin]) (Bradley-Terry; InstructGPT eq. 1,
+Llama 2's margin). With LoRA the head is trained whole and saved in the adapter (PEFT's
+modules_to_save), so merge_lora.py restores it. The merged dir, or a full run's dir, loads with
+AutoModelForSequenceClassification.from_pretrained(dir) and scores as nanorlhf does.
+
+--normalize_scores shifts and scales the head after training so that the training prompts' chosen
+answers score mean 0, std 1. The scale goes into score.weight; the shift is stored in config.json as
+"nanorlhf_score_bias" (transformers' head has no bias): nanorlhf adds it, transformers users add
+model.config.nanorlhf_score_bias to the logits themselves.
+"""
+
+import dataclasses
+import json
+import math
+import os
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from nanorlhf import distributed as dist
+from nanorlhf import train_utils as tu
+from nanorlhf.data import encode_answer, encode_prompt, read_records, to_pair
+from nanorlhf.errors import Interrupted, UserError, run_main
+from nanorlhf.rm import (CONFIG_FILE, SCORE_BIAS, Scorer, check_pad, collate_pairs, init_head, normalize_head,
+                         pair_stats, pairwise_loss, score, score_pairs)
+
+
+@dataclasses.dataclass
+class Args(tu.BaseArgs):
+    """Reward model (RM) training on preference pairs. A batch of N pairs is one forward of 2N sequences."""
+    eval_steps: int = dataclasses.field(default=50, metadata={"help": "evaluate every N steps (and at the end)"})
+    val_size: float = dataclasses.field(default=0.1, metadata={
+        "help": "fraction of --data held out for evaluation when there is no --eval_data (0 = none)"})
+    margin_field: str = dataclasses.field(default="", metadata={
+        "help": "record field holding a numeric margin for the loss (Llama 2); empty = no margin"})
+    normalize_scores: bool = dataclasses.field(default=False, metadata={
+        "help": "after training, shift and scale scores to mean 0, std 1 on the training chosen answers"})
+
+
+def load_pairs(tokenizer, paths, max_length, margin_field=""):
+    """Records -> [(chosen_ids, rejected_ids, margin)], each answer after the SFT chat-format prompt
+    and ending with EOS. Pairs with chosen == rejected, or longer than max_length, are dropped."""
+    pairs, same, too_long = [], [], 0
+    for where, rec in read_records(paths):
+        prompt, chosen, rejected = to_pair(rec, where)
+        margin = 0.0
+        if margin_field:
+            if margin_field not in rec:
+                raise UserError(f"{where}: missing field {margin_field!r} (--margin_field)")
+            margin = rec[margin_field]
+            if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+                raise UserError(f"{where}: field {margin_field!r} must be a finite number, got {margin!r}")
+        if chosen == rejected:
+            same.append(where)
+            continue
+        prompt_ids = encode_prompt(tokenizer, prompt)
+        chosen_ids, rejected_ids = encode_answer(tokenizer, prompt_ids, chosen), encode_answer(tokenizer, prompt_ids, rejected)
+        # Cutting a sequence would cut off the EOS the score is read at: drop the pair instead.
+        if max(len(chosen_ids), len(rejected_ids)) > max_length:
+            too_long += 1
+            continue
+        pairs.append((chosen_ids, rejected_ids, float(margin)))
+    if same:
+        tu.info(f"warning: {len(same)} pairs with chosen == rejected were dropped, they prefer nothing "
+                f"(first at {same[0]})")
+    if too_long:
+        tu.info(f"warning: {too_long} pairs longer than --max_length {max_length} tokens were dropped")
+    if not pairs:
+        raise UserError(f"{paths}: no usable preference pair")
+    return pairs
+
+
+def split_validation(pairs, val_size, seed):
+    """Hold out round(val_size * N) pairs, chosen at random by seed (the same split on every run)."""
+    n_val = max(1, round(val_size * len(pairs)))
+    if n_val >= len(pairs):
+        raise UserError(f"--val_size {val_size} leaves no training pair ({len(pairs)} pairs in all)")
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [pairs[i] for i in sorted(order[n_val:])], [pairs[i] for i in sorted(order[:n_val])]
+
+
+@torch.no_grad()
+def evaluate(model, pairs, batch_size, pad_id, device):
+    model.eval()
+    chosen, rejected, margin = [], [], []
+    for i in range(0, len(pairs), batch_size):
+        batch = {k: v.to(device) for k, v in collate_pairs(pairs[i:i + batch_size], pad_id).items()}
+        c, r = score_pairs(model, batch)
+        chosen.append(c)
+        rejected.append(r)
+        margin.append(batch["margin"])
+    model.train()
+    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    return {"eval/loss": pairwise_loss(chosen, rejected, torch.cat(margin)).item(),
+            "eval/accuracy": (chosen > rejected).float().mean().item()}
+
+
+@torch.no_grad()
+def chosen_scores(model, pairs, batch_size, pad_id, device):
+    """Scores of the chosen answers alone (what --normalize_scores centres and scales)."""
+    model.eval()
+    scores = []
+    for i in range(0, len(pairs), batch_size):
+        ids = [p[0] for p in pairs[i:i + batch_size]]
+        width = max(len(s) for s in ids)
+        input_ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in ids], device=device)
+        attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids], device=device)
+        scores.append(score(model, input_ids, attention_mask))
+    model.train()
+    return torch.cat(scores)
+
+
+def main():
+    args = tu.parse_args(Args)
+    if not 0 <= args.val_size < 1:
+        raise UserError(f"--val_size must be in [0, 1), got {args.val_size}")
+    world = dist.setup(args.device)  # under torchrun: join the other processes; else nothing
+    device, dtype = tu.pick_device(world.device, args.dtype)
+    tu.set_seed(args.seed)
+
+    # ---- tokenizer and data first: bad input fails before anything is loaded or written
+    tu.check_model_dir(args.model)
+    tokenizer = tu.load_tokenizer(args.model, args.trust_remote_code)
+    check_pad(tokenizer, args.model)
+    pad_id = tokenizer.pad_token_id
+    train = load_pairs(tokenizer, args.data, args.max_length, args.margin_field)
+    if args.eval_data:
+        evals = load_pairs(tokenizer, args.eval_data, args.max_length, args.margin_field)
+    elif args.val_size > 0:
+        train, evals = split_validation(train, args.val_size, args.seed)
+    else:
+        evals = []
+
+    # ---- model: the SFT model's backbone plus a fresh scalar head; LoRA on the backbone, or all of it
+    model = tu.setup_model(args, AutoModelForSequenceClassification, device, dtype, lora_exclude=["score"],
+                           num_labels=1)
+    model.config.pad_token_id = pad_id  # transformers reads the score at the last non-pad token
+    if not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
+        init_head(model)  # a causal LM has no head yet (a reward model being trained further keeps its own)
+        tu.info("score head: new, initialised N(0, 1/sqrt(d+1))")
+    lora = args.finetuning_type == "lora"
+    if lora:
+        model.score.requires_grad_(True)  # the head is new: trained whole, saved as modules_to_save
+    tu.info(f"{len(train)} training pairs, {len(evals)} evaluation pairs; {tu.describe(model)}")
+    tu.prepare_output_dir(args.output_dir, args.resume)
+
+    def save_weights(out_dir):
+        tu.save_model(model, tokenizer, out_dir, lora, base_path=os.path.abspath(args.model),
+                      task_type="SEQ_CLS", modules_to_save=["score"])
+        if lora and hasattr(model.config, SCORE_BIAS):  # merge_lora.py carries it into config.json
+            with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+                json.dump({SCORE_BIAS: getattr(model.config, SCORE_BIAS)}, f, indent=2)
+
+    global_batch = args.per_device_train_batch_size * world.size  # every rank takes per_device of each
+    steps = tu.total_steps(args, tu.batches_per_epoch(len(train), global_batch, world.size))
+    optimizer = tu.make_optimizer(model, args.learning_rate, args.weight_decay)
+    scheduler = tu.warmup_cosine(optimizer, steps, args.warmup_ratio)
+    state = tu.resume_from(args, model, optimizer, scheduler) if args.resume else None
+    step = state["step"] if state else 0
+
+    def checkpoint():  # `window`: the steps since the last log line, so a resumed run logs the same averages
+        tu.save_checkpoint(args.output_dir, step, save_weights,
+                           {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "window": window}, args.save_total_limit)
+
+    metrics = tu.Metrics(args.output_dir, resume_step=step)
+    batches = tu.micro_batches(len(train), global_batch, args.seed, skip=step * args.gradient_accumulation_steps,
+                               world_size=world.size)
+    scorer = dist.wrap(Scorer(model), world)  # score(model, ...); under torchrun DDP syncs its gradients
+
+    # ---- the loop: score chosen and rejected in one forward, pairwise loss, step, log, evaluate
+    model.train()
+    window = state.get("window", []) if state else []  # per-step statistics since the last log line
+    ctrl_c = tu.CtrlC()  # Ctrl-C: finish this step, save a checkpoint, stop
+    bar = dist.progress_bar(world, total=steps, initial=step, desc="rm", dynamic_ncols=True)
+    try:
+        while step < steps:
+            micro = [next(batches) for _ in range(args.gradient_accumulation_steps)]
+            shares = [dist.shard(idx, world) for _, idx in micro]  # this rank's share of each micro-batch
+            n_pairs = sum(len(idx) for idx in shares)
+            chosen_all, rejected_all, total = [], [], 0.0
+            for idx in shares:
+                batch = {k: v.to(device) for k, v in collate_pairs([train[i] for i in idx], pad_id).items()}
+                chosen, rejected = scorer(batch["input_ids"], batch["attention_mask"]).chunk(2)
+                loss = pairwise_loss(chosen, rejected, batch["margin"])
+                # pair mean over the whole accumulated batch; every rank holds as many pairs, so DDP's
+                # average of the ranks' gradients is the gradient of the mean over all of them
+                (loss * len(idx) / n_pairs).backward()
+                total += loss.item() * len(idx)
+                chosen_all.append(chosen.detach())
+                rejected_all.append(rejected.detach())
+            loss = total / n_pairs
+            tu.check_finite(loss, step + 1)
+            if args.max_grad_norm > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                tu.check_finite(grad_norm.item(), step + 1, "gradient norm")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            window.append(dist.mean_over_ranks(  # over every rank's pairs (equal shares)
+                {"loss": loss, **pair_stats(torch.cat(chosen_all), torch.cat(rejected_all))}))
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{window[-1]['accuracy']:.2f}")
+            do_eval = evals and (step % args.eval_steps == 0 or step == steps)
+            if step % args.logging_steps == 0 or step == steps or do_eval:
+                row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                row.update(lr=scheduler.get_last_lr()[0], epoch=micro[-1][0])
+                if do_eval:
+                    row.update(evaluate(model, evals, args.per_device_train_batch_size, pad_id, device))
+                    tu.info(f"step {step}: eval/loss {row['eval/loss']:.4f}, eval/accuracy {row['eval/accuracy']:.4f}")
+                metrics.log(step, **row)
+                window = []
+            stop = dist.any_rank(ctrl_c.pressed)  # every rank stops at the same step
+            if stop or (args.save_steps > 0 and step % args.save_steps == 0 and step < steps):
+                checkpoint()
+            if stop:
+                raise Interrupted(f"saved checkpoint-{step} in {args.output_dir}; continue with --resume")
+    finally:
+        ctrl_c.restore()
+    bar.close()
+
+    if args.normalize_scores:
+        mean, std = normalize_head(model, chosen_scores(model, train, args.per_device_train_batch_size, pad_id, device))
+        tu.info(f"--normalize_scores: training chosen scores had mean {mean:.4f}, std {std:.4f}; now 0 and 1 "
+                f"({SCORE_BIAS} = {getattr(model.config, SCORE_BIAS):.6f} in config.json)")
+    dist.check_same_weights(model)  # under torchrun: stop if the ranks ever fell out of sync
+    tu.atomic_save(args.output_dir, save_weights)
+    tu.info(f"saved to {os.path.abspath(args.output_dir)}")
+
+
+if __name__ == "__main__":
+    run_main(main)
