@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEMO ?= runs/demo
 
-.PHONY: install install-dev demo test test-fast bench lint data clean
+.PHONY: install install-dev demo ablate test test-fast bench lint data clean
 
 # torch is installed only when missing, so a CUDA build you already have is kept.
 # (torch==2.13.0 is the CPU wheel this project is developed and tested with.)
@@ -18,6 +18,12 @@ install-dev:
 # The whole pipeline on the built-in tiny model and medical dataset, on whatever device you have.
 demo: install
 	bash scripts/demo.sh $(DEMO)
+
+# The README's ablation table: PPO variants from the demo's SFT and reward model (run `make demo` first).
+ablate: install
+	OMP_NUM_THREADS=1 $(PYTHON) -m nanorlhf.ablate --sft $(DEMO)/sft-merged --rm $(DEMO)/rm-merged \
+	    --data data/demo/ppo.jsonl --eval_data data/demo/test.jsonl --output_dir runs/ablate --seeds 1 \
+	    -- --num_updates 10 --batch_size 16 --learning_rate 3e-4
 
 test: install-dev
 	$(PYTHON) -m pytest -q tests

@@ -30,9 +30,9 @@ from nanorlhf import train_utils as tu
 from nanorlhf.data import encode_prompt, prompt_messages, read_records
 from nanorlhf.errors import Interrupted, UserError, run_main
 from nanorlhf.lora import disable_adapters
+from nanorlhf.ppo_setup import (PolicyAndValue, build_models, check_same_tokenizer, load_ppo_checkpoint,
+                                save_ppo_checkpoint)
 from nanorlhf.rollout import critic_values, ended_with_eos, generate, logprobs_of, response_mask, reward_scores
-from nanorlhf.ppo_setup import (PolicyAndValue, build_models, check_same_tokenizer, save_ppo_checkpoint,
-                                load_ppo_checkpoint)
 
 
 @dataclasses.dataclass
@@ -263,15 +263,16 @@ def main():
                 non_score_reward = (rewards * mask).sum(1) - scores if not args.whiten_rewards else -kl_ctl.value * kl
             # each minibatch's token mean (micro-batches weighted as in the loss), averaged over the minibatches
             n_minibatches = args.ppo_epochs * -(-len(batch_prompts) // minibatch_size)
-            mean = lambda xs: (torch.stack(xs) * torch.stack(shares)).sum().item() / n_minibatches if xs else 0.0  # noqa: E731
+            avg = {name: (torch.stack(xs) * torch.stack(shares)).sum().item() / n_minibatches if xs else 0.0
+                   for name, xs in stats.items()}
             row = {
                 "objective/scores": scores.mean().item(), "objective/kl": kl.mean().item(),
                 "objective/entropy": (-(old_logprobs * mask).sum(1)).mean().item(),
                 "objective/non_score_reward": non_score_reward.mean().item(),
                 "objective/rlhf_reward": (scores - kl_ctl.value * kl).mean().item(),
-                "policy/approxkl_avg": mean(stats["approxkl"]), "policy/clipfrac_avg": mean(stats["clipfrac"]),
-                "policy/entropy_avg": mean(stats["entropy"]), "loss/policy_avg": mean(stats["pg_loss"]),
-                "loss/value_avg": mean(stats["vf_loss"]), "val/clipfrac_avg": mean(stats["vf_clipfrac"]),
+                "policy/approxkl_avg": avg["approxkl"], "policy/clipfrac_avg": avg["clipfrac"],
+                "policy/entropy_avg": avg["entropy"], "loss/policy_avg": avg["pg_loss"],
+                "loss/value_avg": avg["vf_loss"], "val/clipfrac_avg": avg["vf_clipfrac"],
                 "val/explained_variance": (ppo.explained_variance(values, returns, mask, reduce=dist.sum_over_ranks).item()
                                            if use_critic else 0.0),
                 "val/response_length": mask.sum(1).mean().item(), "val/eos_fraction": ended.float().mean().item(),

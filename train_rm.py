@@ -34,8 +34,8 @@ from nanorlhf.rm import (CONFIG_FILE, SCORE_BIAS, Scorer, check_pad, collate_pai
 
 @dataclasses.dataclass
 class Args(tu.BaseArgs):
-    """Reward model (RM) training on preference pairs. A batch of N pairs is one forward of 2N sequences."""
-    eval_steps: int = dataclasses.field(default=50, metadata={"help": "evaluate every N steps (and at the end)"})
+    """Reward model (RM) training on preference pairs; N pairs are one forward of 2N sequences."""
+    eval_steps: int = dataclasses.field(default=50, metadata={"help": "eval every N steps and at the end"})
     val_size: float = dataclasses.field(default=0.1, metadata={
         "help": "fraction of --data held out for evaluation when there is no --eval_data (0 = none)"})
     margin_field: str = dataclasses.field(default="", metadata={
@@ -61,7 +61,8 @@ def load_pairs(tokenizer, paths, max_length, margin_field=""):
             same.append(where)
             continue
         prompt_ids = encode_prompt(tokenizer, prompt)
-        chosen_ids, rejected_ids = encode_answer(tokenizer, prompt_ids, chosen), encode_answer(tokenizer, prompt_ids, rejected)
+        chosen_ids = encode_answer(tokenizer, prompt_ids, chosen)
+        rejected_ids = encode_answer(tokenizer, prompt_ids, rejected)
         # Cutting a sequence would cut off the EOS the score is read at: drop the pair instead.
         if max(len(chosen_ids), len(rejected_ids)) > max_length:
             too_long += 1
@@ -170,9 +171,9 @@ def main():
                            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                             "window": window}, args.save_total_limit)
 
-    metrics = tu.Metrics(args.output_dir, resume_step=step)
-    batches = tu.micro_batches(len(train), global_batch, args.seed, skip=step * args.gradient_accumulation_steps,
-                               world_size=world.size)
+    metrics = tu.Metrics(args.output_dir, resume_step=step, report_to=args.report_to)
+    batches = tu.micro_batches(len(train), global_batch, args.seed,
+                               skip=step * args.gradient_accumulation_steps, world_size=world.size)
     scorer = dist.wrap(Scorer(model), world)  # score(model, ...); under torchrun DDP syncs its gradients
 
     # ---- the loop: score chosen and rejected in one forward, pairwise loss, step, log, evaluate
@@ -215,7 +216,8 @@ def main():
                 row.update(lr=scheduler.get_last_lr()[0], epoch=micro[-1][0])
                 if do_eval:
                     row.update(evaluate(model, evals, args.per_device_train_batch_size, pad_id, device))
-                    tu.info(f"step {step}: eval/loss {row['eval/loss']:.4f}, eval/accuracy {row['eval/accuracy']:.4f}")
+                    tu.info(f"step {step}: eval/loss {row['eval/loss']:.4f}, "
+                            f"eval/accuracy {row['eval/accuracy']:.4f}")
                 metrics.log(step, **row)
                 window = []
             stop = dist.any_rank(ctrl_c.pressed)  # every rank stops at the same step
@@ -228,10 +230,12 @@ def main():
     bar.close()
 
     if args.normalize_scores:
-        mean, std = normalize_head(model, chosen_scores(model, train, args.per_device_train_batch_size, pad_id, device))
+        scores = chosen_scores(model, train, args.per_device_train_batch_size, pad_id, device)
+        mean, std = normalize_head(model, scores)
         tu.info(f"--normalize_scores: training chosen scores had mean {mean:.4f}, std {std:.4f}; now 0 and 1 "
                 f"({SCORE_BIAS} = {getattr(model.config, SCORE_BIAS):.6f} in config.json)")
     dist.check_same_weights(model)  # under torchrun: stop if the ranks ever fell out of sync
+    metrics.close()  # curves.png (with matplotlib); closes TensorBoard
     tu.atomic_save(args.output_dir, save_weights)
     tu.info(f"saved to {os.path.abspath(args.output_dir)}")
 

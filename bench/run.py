@@ -184,12 +184,11 @@ def run_nanorlhf(args, models, mode, work, round_):
 
 
 def run_trl(args, models, mode, work, round_):
-    try:
-        import trl
-    except ImportError:
+    trl_version = versions()["trl"]
+    if trl_version is None:
         return {"error": 'trl is not installed: pip install "trl==1.12.0" (or pip install -e ".[bench]")'}
-    if trl.__version__ != "1.12.0":
-        return {"error": f"needs trl==1.12.0 (the last release with PPOTrainer), found {trl.__version__}"}
+    if trl_version != "1.12.0":
+        return {"error": f"needs trl==1.12.0 (the last release with PPOTrainer), found {trl_version}"}
     out_dir = os.path.join(work, f"trl-{mode}-{round_}")
     cmd = [os.path.join(BENCH, "trl_ppo.py"), *workload_flags(args, models, mode), "--output_dir", out_dir,
            "--timings", out_dir + ".timings.json"]
@@ -257,9 +256,13 @@ def versions():
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = None
-    try:
-        out["nanorlhf_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                                                capture_output=True, check=False).stdout.strip() or None
+    try:  # read-only git queries: the commit, and whether the working tree differs from it
+        env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")  # git status must not even refresh the index
+        git = lambda *cmd: subprocess.run(["git", *cmd], cwd=ROOT, env=env, text=True,  # noqa: E731
+                                          capture_output=True, check=False).stdout.strip()
+        out["nanorlhf_commit"] = (git("rev-parse", "--short", "HEAD") or None)
+        if out["nanorlhf_commit"] and git("status", "--porcelain", "--untracked-files=no"):
+            out["nanorlhf_commit"] += "+modified"
     except OSError:
         out["nanorlhf_commit"] = None
     return out

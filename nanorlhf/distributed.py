@@ -74,7 +74,9 @@ def world_size():
 
 def _device():
     """Where collectives want their tensors: the GPU with nccl, the CPU with gloo."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def sum_over_ranks(x):
@@ -97,7 +99,7 @@ def mean_over_ranks(values):
         return values
     total = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=_device())
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return dict(zip(values, (total / dist.get_world_size()).tolist()))
+    return dict(zip(values, (total / dist.get_world_size()).tolist(), strict=True))
 
 
 def any_rank(flag):
@@ -144,7 +146,7 @@ def check_same_weights(module):
     if not _active():
         return
     params = [p.detach() for p in module.parameters() if p.requires_grad]
-    local = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in params]).flatten()
+    local = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in params])
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local)
     differ = [r for r, g in enumerate(gathered) if not torch.equal(g, gathered[0])]

@@ -64,8 +64,9 @@ def score(model, input_ids, attention_mask):
     Runs the backbone, takes the hidden state at the last real token and applies the head,
     then adds the bias --normalize_scores stored in the config (0 when there is none).
     """
-    hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, d]
-    last = hidden[torch.arange(hidden.size(0), device=hidden.device), last_token_index(attention_mask)]  # [B, d]
+    hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B,T,d]
+    rows = torch.arange(hidden.size(0), device=hidden.device)
+    last = hidden[rows, last_token_index(attention_mask)]  # [B, d]
     return model.score(last).squeeze(-1).float() + getattr(model.config, SCORE_BIAS, 0.0)
 
 
@@ -75,7 +76,7 @@ def collate_pairs(pairs, pad_id):
     sequences = [p[0] for p in pairs] + [p[1] for p in pairs]
     width = max(len(s) for s in sequences)
     input_ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences], dtype=torch.long)
-    attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], dtype=torch.long)
+    attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
     margin = torch.tensor([p[2] for p in pairs], dtype=torch.float32)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin}
 

@@ -31,7 +31,10 @@ def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0):
         drop_sorted = cumulative - sorted_logits.softmax(-1) > top_p  # the first token is always kept
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+    # Gumbel-max: argmax(logits + G), G ~ Gumbel(0, 1), is a sample of softmax(logits) (Gumbel 1954);
+    # the same distribution as torch.multinomial, about 2x cheaper per call on a CPU.
+    gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp_(min=1e-20)))
+    return (logits + gumbel).argmax(-1)
 
 
 @torch.inference_mode()
@@ -40,8 +43,9 @@ def generate(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=1.0, t
     the KV cache; stop early once every sequence has produced an EOS.
 
     Returns query [B, P] (left-padded), query_mask [B, P], response [B, R] (pad after EOS,
-    R <= max_new_tokens) and logprobs [B, R] of the sampled tokens under the temperature-scaled distribution (0 at padding):
-    the same numbers the training forward recomputes, so PPO can reuse them as old log-probs.
+    R <= max_new_tokens) and logprobs [B, R] of the sampled tokens under the temperature-scaled
+    distribution (0 at padding): the same numbers the training forward recomputes, so PPO can
+    reuse them as old log-probs.
     """
     device = next(model.parameters()).device
     query = pad(prompts, pad_id, side="left").to(device)
@@ -53,12 +57,12 @@ def generate(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=1.0, t
     query_mask, input_ids, past = attention_mask, query, None
     for _ in range(max_new_tokens):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=past, use_cache=True)
+                    past_key_values=past, use_cache=True, logits_to_keep=1)  # only the next token's logits
         past = out.past_key_values
         logits = out.logits[:, -1].float()
         token = sample_token(logits, temperature, top_k, top_p)
         scaled = logits / temperature if temperature > 0 else logits
-        logprob = logprobs_from_logits(scaled[:, None], token[:, None])[:, 0]
+        logprob = torch.log_softmax(scaled, dim=-1).gather(-1, token[:, None]).squeeze(-1)
         token = torch.where(finished, torch.full_like(token, pad_id), token)  # pad after EOS
         tokens.append(token)
         logprobs.append(torch.where(finished, torch.zeros_like(logprob), logprob))
@@ -95,9 +99,10 @@ def policy_logits(model, query, response, mask, query_mask, temperature=1.0):
     """Logits [B, R, V] the policy gives each response token (logit at t-1 predicts token t),
     divided by the sampling temperature so log-probs match the rollout's (N+ details, #3)."""
     input_ids, attention_mask, position_ids = concat(query, response, mask, query_mask)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    P = query.size(1)
-    logits = logits[:, P - 1:-1]
+    # Only the logits that predict response tokens: with a 150k vocabulary the prompt's logits
+    # would be most of the activation memory.
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=response.size(1) + 1).logits[:, :-1]
     return logits / temperature if temperature > 0 else logits
 
 

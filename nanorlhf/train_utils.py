@@ -446,8 +446,8 @@ def load_weights(model, path, lora):
 
     if lora:
         return load_adapter(model, path)
-    state = {}
-    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+    state = {}  # model.safetensors, or its shards model-0000k-of-0000n (PPO's critic/ also holds value_head)
+    for f in sorted(glob.glob(os.path.join(path, "model*.safetensors"))):
         state.update(load_file(f, device=str(next(model.parameters()).device)))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:  # lm_head may be tied to the embeddings

@@ -1,6 +1,7 @@
 """Checkpoints under fire: a run killed with SIGKILL right after a checkpoint and resumed with
---resume ends bit-identical (on CPU) to a run never interrupted, for SFT, RM and PPO; Ctrl-C saves
-a checkpoint and exits cleanly; a diverged run stops and keeps its last good checkpoint.
+--resume ends bit-identical (on CPU) to a run never interrupted, for SFT, RM and PPO (LoRA and
+full); Ctrl-C saves a checkpoint and exits cleanly; a diverged run stops and keeps its last good
+checkpoint.
 
 Every run goes through the real scripts, as forks of one process that imported them once (launcher.py).
 """
@@ -19,7 +20,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 pytestmark = pytest.mark.slow
 
-# lora_dropout > 0: every step draws random numbers, so a resume that restores the RNG wrongly shows
+# lora_dropout > 0: every step draws random numbers, so a resume that restores the RNG wrongly shows.
+# 10 dialogues and 20 pairs make 8 steps cross epochs: the data position must resume too.
 SFT = ["--max_steps", 8, "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 2,
        "--max_length", 64, "--learning_rate", 1e-3, "--lora_rank", 4, "--lora_dropout", 0.1,
        "--logging_steps", 1]
@@ -63,10 +65,11 @@ def rm_dir(tiny_model_dir, tmp_path_factory):
 
 
 def stage_args(stage, tiny_model_dir, rm_dir, data):
+    ppo = ["train_ppo.py", "--sft", tiny_model_dir, "--rm", rm_dir, "--data", data / "ppo.jsonl", *PPO]
     return {"sft": ["train_sft.py", "--model", tiny_model_dir, "--data", data / "sft.jsonl", *SFT],
             "rm": ["train_rm.py", "--model", tiny_model_dir, "--data", data / "rm.jsonl", *RM],
-            "ppo": ["train_ppo.py", "--sft", tiny_model_dir, "--rm", rm_dir, "--data", data / "ppo.jsonl",
-                    *PPO]}[stage]
+            "ppo": ppo,
+            "ppo full": [*ppo, "--finetuning_type", "full"]}[stage]
 
 
 def final_weights(out):
@@ -111,19 +114,20 @@ def assert_same_run(out, reference):
 def unbroken(launcher, tiny_model_dir, rm_dir, data, tmp_path_factory):
     """Each stage run once, never interrupted (and never checkpointed): the reference."""
     root, outs = tmp_path_factory.mktemp("unbroken"), {}
-    for stage in ("sft", "rm", "ppo"):
-        outs[stage] = root / stage
+    for stage in ("sft", "rm", "ppo", "ppo full"):
+        outs[stage] = root / stage.replace(" ", "-")
         code, stderr = launcher.run(*stage_args(stage, tiny_model_dir, rm_dir, data),
                                     "--output_dir", outs[stage])
         assert code == 0, stderr
     return outs
 
 
-@pytest.mark.parametrize("stage,save_steps,kept", [("sft", 3, 6), ("rm", 3, 6), ("ppo", 2, 4)])
+@pytest.mark.parametrize("stage,save_steps,kept",
+                         [("sft", 3, 6), ("rm", 3, 6), ("ppo", 2, 4), ("ppo full", 2, 4)])
 def test_killed_run_resumed_ends_bit_identical_to_an_unbroken_one(stage, save_steps, kept, launcher, unbroken,
                                                                    tiny_model_dir, rm_dir, data, tmp_path):
     """SIGKILL right after checkpoint-<save_steps> appears, then --resume (--save_total_limit 1)."""
-    out = tmp_path / stage
+    out = tmp_path / stage.replace(" ", "-")
     cmd = [*stage_args(stage, tiny_model_dir, rm_dir, data), "--output_dir", out, "--save_steps", save_steps,
            "--save_total_limit", 1]
     pid = launcher.start(*cmd)

@@ -30,9 +30,10 @@ def test_pairwise_loss_is_mean_of_log_one_plus_exp_minus_difference():
 def test_pairwise_loss_subtracts_the_margin():
     chosen, rejected = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0])
     expected = (math.log(2) + math.log(1 + math.exp(-1.5))) / 2  # differences 1 - 1 = 0 and 2 - 0.5 = 1.5
-    assert pairwise_loss(chosen, rejected, torch.tensor([1.0, 0.5])).item() == pytest.approx(expected, abs=1e-6)
-    assert pairwise_loss(chosen, rejected, 1.0).item() == pytest.approx((math.log(2) + math.log(1 + math.exp(-1))) / 2,
-                                                                        abs=1e-6)
+    margin = torch.tensor([1.0, 0.5])
+    assert pairwise_loss(chosen, rejected, margin).item() == pytest.approx(expected, abs=1e-6)
+    same_margin = (math.log(2) + math.log(1 + math.exp(-1))) / 2  # a float margin: differences 0 and 1
+    assert pairwise_loss(chosen, rejected, 1.0).item() == pytest.approx(same_margin, abs=1e-6)
     assert pairwise_loss(chosen, rejected, torch.zeros(2)).item() == pairwise_loss(chosen, rejected).item()
 
 
@@ -52,11 +53,12 @@ def test_pad_equal_to_eos_is_refused():
 # ---------------------------------------------------------------- the preference formats
 
 SYSTEM, HELLO, HI = "你是一位医生。", "你好", "你好！哪里不舒服？"
-QUESTION, GOOD, BAD = "我头疼，还发烧，怎么办？", "可能是流感。多休息，多喝水。如果高烧不退，请就医。", "多喝水。"
+QUESTION, BAD = "我头疼，还发烧，怎么办？", "多喝水。"
+GOOD = "可能是流感。多休息，多喝水。如果高烧不退，请就医。"
 TURNS = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": HELLO},
          {"role": "assistant", "content": HI}, {"role": "user", "content": QUESTION}]
-SHAREGPT = [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[t["role"]], "value": t["content"]}
-            for t in TURNS]
+SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
+SHAREGPT = [{"from": SHAREGPT_ROLE[t["role"]], "value": t["content"]} for t in TURNS]
 RECORDS = {
     "medicalgpt": {"system": SYSTEM, "history": [[HELLO, HI]], "question": QUESTION,
                    "response_chosen": GOOD, "response_rejected": BAD},
@@ -79,6 +81,22 @@ def test_trl_strings_and_medicalgpt_question_give_the_same_pair():
     trl = to_pair({"prompt": QUESTION, "chosen": GOOD, "rejected": BAD}, "f.jsonl:1")
     medical = to_pair({"question": QUESTION, "response_chosen": GOOD, "response_rejected": BAD}, "f.jsonl:2")
     assert trl == medical == ([{"role": "user", "content": QUESTION}], GOOD, BAD)
+
+
+INCOMPLETE = {
+    "no_rejected": ({"prompt": QUESTION, "chosen": GOOD}, "missing field 'rejected'"),
+    "no_prompt": ({"chosen": GOOD, "rejected": BAD}, "missing field 'prompt'"),
+    "chosen_ends_with_user": ({"chosen": TURNS, "rejected": BAD, "prompt": QUESTION},
+                              "'chosen' must end with an assistant turn"),
+    "answer_not_text": ({"prompt": QUESTION, "chosen": 3, "rejected": BAD}, "'chosen' must be a string"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INCOMPLETE))
+def test_incomplete_pair_raises_one_line_naming_where(name):
+    record, message = INCOMPLETE[name]
+    with pytest.raises(UserError, match=f"^f.jsonl:7: .*{message}"):
+        to_pair(record, "f.jsonl:7")
 
 
 def test_pair_is_encoded_in_the_sft_chat_format_and_ends_with_eos(tiny_model_dir):
@@ -108,8 +126,8 @@ def encoded_pairs(tokenizer, n=3):
         for i, line in zip(range(n), f):
             prompt, chosen, rejected = to_pair(json.loads(line), f"rm_test.jsonl:{i + 1}")
             prompt_ids = encode_prompt(tokenizer, prompt)
-            pairs.append((encode_answer(tokenizer, prompt_ids, chosen), encode_answer(tokenizer, prompt_ids, rejected),
-                          0.0))
+            pairs.append((encode_answer(tokenizer, prompt_ids, chosen),
+                          encode_answer(tokenizer, prompt_ids, rejected), 0.0))
     return pairs
 
 
@@ -168,7 +186,8 @@ def lora_rm(tiny_model_dir, rm_files, tmp_path_factory):
                       "--output_dir", root / "run", "--max_steps", 4, "--per_device_train_batch_size", 4,
                       "--logging_steps", 1, "--eval_steps", 2, "--max_length", 200, "--learning_rate", 1e-3,
                       "--normalize_scores")
-    run_script("merge_lora.py", "--base", tiny_model_dir, "--adapter", root / "run", "--output_dir", root / "merged")
+    run_script("merge_lora.py", "--base", tiny_model_dir, "--adapter", root / "run",
+               "--output_dir", root / "merged")
     return proc, str(root / "run"), str(root / "merged")
 
 
@@ -185,7 +204,8 @@ def full_rm(tiny_model_dir, rm_files, tmp_path_factory):
 def assert_transformers_scores_as_nanorlhf(model_dir):
     ours, tokenizer = load_reward_model(model_dir, torch.device("cpu"), torch.float32)
     theirs = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    assert theirs.num_labels == 1 and theirs.config.pad_token_id == tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert theirs.num_labels == 1
+    assert theirs.config.pad_token_id == tokenizer.pad_token_id != tokenizer.eos_token_id
     bias = theirs.config.nanorlhf_score_bias  # written by --normalize_scores; transformers users add it
     assert bias != 0.0
     sequences = [s for p in encoded_pairs(tokenizer, n=4) for s in p[:2]]
@@ -239,7 +259,8 @@ def test_rm_run_logs_training_and_eval_metrics(lora_rm):
 def test_identical_and_too_long_pairs_are_dropped_with_one_warning_each(lora_rm):
     proc, _, _ = lora_rm
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
-    assert any("1 pairs with chosen == rejected were dropped" in w and "train.jsonl:41" in w for w in warnings)
+    assert any("1 pairs with chosen == rejected were dropped" in w and "train.jsonl:41" in w
+               for w in warnings)
     assert any("1 pairs longer than --max_length 200 tokens were dropped" in w for w in warnings)
     assert "40 training pairs, 10 evaluation pairs" in proc.stderr
 
@@ -254,10 +275,8 @@ def test_lora_adapter_saves_the_score_head_as_modules_to_save(lora_rm):
 BAD_INPUT = {
     "malformed_json": (['{"prompt": "a", "chosen": "b", "rejected": "c"}', '{"prompt": "a", "chosen": '],
                        ":2: malformed JSON"),
-    "missing_rejected": (['{"prompt": "a", "chosen": "b", "rejected": "c"}', '{"prompt": "a", "chosen": "b"}'],
-                         ":2: missing field 'rejected'"),
-    "chosen_ends_with_user": (['{"chosen": [{"role": "user", "content": "a"}], "rejected": "c", "prompt": "a"}'],
-                              ":1: 'chosen' must end with an assistant turn"),
+    "missing_rejected": (['{"prompt": "a", "chosen": "b", "rejected": "c"}',
+                          '{"prompt": "a", "chosen": "b"}'], ":2: missing field 'rejected'"),
 }
 
 
@@ -266,7 +285,8 @@ def test_bad_pair_fails_with_one_line_naming_file_and_line(name, tiny_model_dir,
     lines, message = BAD_INPUT[name]
     data, out = tmp_path / "bad.jsonl", tmp_path / "out"
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    proc = run_script("train_rm.py", "--model", tiny_model_dir, "--data", data, "--output_dir", out, check=False)
+    proc = run_script("train_rm.py", "--model", tiny_model_dir, "--data", data, "--output_dir", out,
+                      check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert f"{data}{message}" in proc.stderr and "Traceback" not in proc.stderr

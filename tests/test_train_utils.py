@@ -190,6 +190,26 @@ def test_atomic_save_killed_while_writing_keeps_the_old_files(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["model"]
 
 
+def test_atomic_save_replaces_a_folder_from_an_earlier_save(tmp_path):
+    out = tmp_path / "ppo"  # PPO's final save holds critic/; a rerun with --resume saves it again
+
+    def write(text):
+        def go(tmp):
+            os.makedirs(os.path.join(tmp, "critic"))
+            write_files({"head": text})(os.path.join(tmp, "critic"))
+        return go
+
+    tu.atomic_save(str(out), write("old"))
+    tu.atomic_save(str(out), write("new"))
+    assert (out / "critic" / "head").read_text() == "new"
+
+
+def test_metrics_on_resume_keep_the_steps_up_to_the_checkpoint_and_drop_a_line_cut_short(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"st')  # killed mid-write
+    tu.Metrics(str(tmp_path), resume_step=2)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
 def make_checkpoint(root, name, complete=True):
     path = root / name
     path.mkdir()
