@@ -22,7 +22,6 @@ import os
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from nanorlhf import distributed as dist
 from nanorlhf import ppo
@@ -158,7 +157,8 @@ def main():
     minibatch_size = local_batch // args.num_mini_batches
     micro_size = max(1, minibatch_size // args.gradient_accumulation_steps)
     if minibatch_size < 1 or local_batch % args.num_mini_batches:
-        raise UserError(f"--batch_size {args.batch_size} must be a multiple of --num_mini_batches {args.num_mini_batches}"
+        raise UserError(f"--batch_size {args.batch_size} must be a multiple of "
+                        f"--num_mini_batches {args.num_mini_batches}"
                         + (f" x {world.size} processes" if world.enabled else ""))
     # What is trained, as one module: under torchrun one DDP wrapper syncs the policy's and the critic's gradients
     policy_and_value = dist.wrap(PolicyAndValue(policy, critic, v_head, args.temperature), world)
@@ -237,8 +237,9 @@ def main():
                                                             mb_mask, args.cliprange)
                         loss = pg_loss
                         if use_critic:
+                            cliprange_value = args.cliprange_value if args.cliprange_value > 0 else None
                             vf_loss, vf_stats = ppo.value_loss(new_values, values[mb], returns[mb], mb_mask,
-                                                               args.cliprange_value if args.cliprange_value > 0 else None)
+                                                               cliprange_value)
                             loss = loss + args.vf_coef * vf_loss
                             stats["vf_loss"].append(vf_loss.detach())
                             stats["vf_clipfrac"].append(vf_stats["clipfrac"])
@@ -273,8 +274,9 @@ def main():
                 "policy/approxkl_avg": avg["approxkl"], "policy/clipfrac_avg": avg["clipfrac"],
                 "policy/entropy_avg": avg["entropy"], "loss/policy_avg": avg["pg_loss"],
                 "loss/value_avg": avg["vf_loss"], "val/clipfrac_avg": avg["vf_clipfrac"],
-                "val/explained_variance": (ppo.explained_variance(values, returns, mask, reduce=dist.sum_over_ranks).item()
-                                           if use_critic else 0.0),
+                "val/explained_variance": (
+                    ppo.explained_variance(values, returns, mask, reduce=dist.sum_over_ranks).item()
+                    if use_critic else 0.0),
                 "val/response_length": mask.sum(1).mean().item(), "val/eos_fraction": ended.float().mean().item(),
                 "val/first_approxkl": stats["approxkl"][0].item(), "val/first_clipfrac": stats["clipfrac"][0].item(),
                 "kl_coef": kl_ctl.value, "lr": scheduler.get_last_lr()[0],

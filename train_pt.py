@@ -58,7 +58,8 @@ def main():
     else:
         if args.finetuning_type != "full":
             raise UserError("--finetuning_type lora needs a --model to adapt (the tiny default trains in full)")
-        tu.info(f"no --model: training a SentencePiece tokenizer and building a {args.model_size} Llama-architecture model")
+        tu.info(f"no --model: training a SentencePiece tokenizer and building a {args.model_size} "
+                "Llama-architecture model")
         tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size)
         model = build_tiny_model(tokenizer, size=args.model_size, max_positions=max(512, args.block_size),
                                  seed=args.seed).to(device=device, dtype=dtype)

@@ -166,7 +166,8 @@ def main():
 
 
 def markdown_table(results):
-    cols = [c for c in ("model", "rm_score", "gold", "response_length", next(k for k in results[0] if k.startswith("kl_to_")),
+    kl_column = next(k for k in results[0] if k.startswith("kl_to_"))
+    cols = [c for c in ("model", "rm_score", "gold", "response_length", kl_column,
                         "distinct_1", "distinct_2", "rouge_l") if c in results[0]]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:

@@ -29,3 +29,19 @@ def tiny_model_dir(tmp_path_factory):
     run_script("train_pt.py", "--data", os.path.join(DEMO, "pt.txt"), "--output_dir", out, "--max_steps", 8,
                "--per_device_train_batch_size", 8, "--seed", 0)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def rm_dir(tiny_model_dir, tmp_path_factory):
+    """A reward model: the tiny LM's backbone with a random scalar head, saved as transformers does."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = str(tmp_path_factory.mktemp("rm"))
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -6,9 +6,7 @@ import os
 import sys
 
 import pytest
-import torch
 from conftest import DEMO, ROOT
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from nanorlhf import ablate as ablate_module
 from nanorlhf import train_utils as tu
@@ -51,19 +49,6 @@ def test_unknown_variant_is_one_clear_error(tiny_model_dir, monkeypatch):
     with pytest.raises(UserError, match="choose from baseline, no_kl"):
         ablate(monkeypatch, "--sft", tiny_model_dir, "--rm", tiny_model_dir, "--data", f"{DEMO}/ppo.jsonl",
                "--variants", "baseline,no_such")
-
-
-@pytest.fixture(scope="module")
-def rm_dir(tiny_model_dir, tmp_path_factory):
-    """A reward model: the tiny LM's backbone with a (random) scalar head."""
-    out = str(tmp_path_factory.mktemp("rm"))
-    torch.manual_seed(0)
-    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    rm.config.pad_token_id = tok.pad_token_id
-    rm.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def ablate(monkeypatch, *args):

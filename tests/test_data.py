@@ -146,7 +146,8 @@ def test_chinese_dialogue_labels_round_trip_exactly(tok):
                              {"from": "human", "value": "要吃药吗？😷"},
                              {"from": "gpt", "value": "如果高烧不退，请就医。"}]}
     assert encoded_segments(tok, rec) == [
-        (False, turn("user", "医生，我头疼，还发烧，怎么办？") + GEN), (True, "可能是流感。多休息，多喝水。<|im_end|>\n"),
+        (False, turn("user", "医生，我头疼，还发烧，怎么办？") + GEN),
+        (True, "可能是流感。多休息，多喝水。<|im_end|>\n"),
         (False, turn("user", "要吃药吗？😷") + GEN), (True, "如果高烧不退，请就医。<|im_end|>\n"),
     ]
 

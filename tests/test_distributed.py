@@ -22,7 +22,6 @@ import torch
 from conftest import DEMO, ROOT
 from launcher import Launcher
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from nanorlhf import distributed as dist
 from nanorlhf import train_utils as tu
@@ -157,18 +156,6 @@ def data(tmp_path_factory):
         with open(os.path.join(DEMO, name), encoding="utf-8") as f:
             (root / name).write_text("".join(f.readlines()[:n]), encoding="utf-8")
     return root
-
-
-@pytest.fixture(scope="module")
-def rm_dir(tiny_model_dir, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("rm"))
-    torch.manual_seed(0)
-    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    rm.config.pad_token_id = tok.pad_token_id
-    rm.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def metrics(out):

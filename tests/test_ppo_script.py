@@ -18,19 +18,6 @@ TRL_NAMES = ["objective/scores", "objective/kl", "objective/entropy", "objective
 SMALL = ["--batch_size", 4, "--response_length", 8, "--ppo_epochs", 2, "--num_mini_batches", 2, "--logging_steps", 1]
 
 
-@pytest.fixture(scope="module")
-def rm_dir(tiny_model_dir, tmp_path_factory):
-    """A reward model: the tiny LM's backbone with a (random) scalar head, saved as transformers does."""
-    out = str(tmp_path_factory.mktemp("rm"))
-    torch.manual_seed(0)
-    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    rm.config.pad_token_id = tok.pad_token_id
-    rm.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 def read_metrics(out):
     with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f]
@@ -84,7 +71,7 @@ def test_reference_is_the_sft_model_with_adapters_off(tiny_model_dir, rm_dir):
     m = build_models(ppo_args(tiny_model_dir, rm_dir), torch.device("cpu"), torch.float32, use_critic=True)
     randomize_lora(m.policy)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    prompts = [tok("The common cold", add_special_tokens=False)["input_ids"], tok("偏头痛会", add_special_tokens=False)["input_ids"]]
+    prompts = [tok(text, add_special_tokens=False)["input_ids"] for text in ("The common cold", "偏头痛会")]
     query, query_mask, response, _ = generate(m.policy, prompts, 8, [tok.eos_token_id], tok.pad_token_id)
     mask = response_mask(response, [tok.eos_token_id], tok.pad_token_id)
     sft = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()

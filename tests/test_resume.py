@@ -51,19 +51,6 @@ def data(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def rm_dir(tiny_model_dir, tmp_path_factory):
-    """A reward model: the tiny LM's backbone with a random scalar head."""
-    out = str(tmp_path_factory.mktemp("rm"))
-    torch.manual_seed(0)
-    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    rm.config.pad_token_id = tok.pad_token_id
-    rm.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 def stage_args(stage, tiny_model_dir, rm_dir, data):
     ppo = ["train_ppo.py", "--sft", tiny_model_dir, "--rm", rm_dir, "--data", data / "ppo.jsonl", *PPO]
     return {"sft": ["train_sft.py", "--model", tiny_model_dir, "--data", data / "sft.jsonl", *SFT],

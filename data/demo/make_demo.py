@@ -16,8 +16,9 @@ when to see a doctor, in English and Chinese. From them come the four stages' da
 Most SFT answers leave out the doctor sentence on purpose (as in MedicalGPT's covid-doctor demo):
 the reward model learns from rm.jsonl that fuller answers are better, so PPO has something real
 to improve. A few (FULLER_SFT_SHARE) do say it: PPO can only reinforce what the policy sometimes
-samples, and a tiny model never invents a sentence it has not seen in an answer. nanorlhf/rubric.py scores answers against world.json by rule, independently of the
-reward model, so a rise in reward can be told apart from reward hacking.
+samples, and a tiny model never invents a sentence it has not seen in an answer.
+nanorlhf/rubric.py scores answers against world.json by rule, independently of the reward model,
+so a rise in reward can be told apart from reward hacking.
 
 Deterministic: one random.Random per split, fixed seeds, stable ordering; running it twice gives
 byte-identical files, and the committed files are its output.
