@@ -108,12 +108,7 @@ def main():
                 total += loss_sum.item()
             loss = dist.sum_over_ranks(total) / n_tokens
             tu.check_finite(loss, step + 1)
-            if args.max_grad_norm > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                tu.check_finite(grad_norm.item(), step + 1, "gradient norm")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            tu.optimizer_step(model, optimizer, scheduler, args.max_grad_norm, step + 1)
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")

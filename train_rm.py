@@ -199,12 +199,7 @@ def main():
                 rejected_all.append(rejected.detach())
             loss = total / n_pairs
             tu.check_finite(loss, step + 1)
-            if args.max_grad_norm > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                tu.check_finite(grad_norm.item(), step + 1, "gradient norm")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            tu.optimizer_step(model, optimizer, scheduler, args.max_grad_norm, step + 1)
             step += 1
             bar.update(1)
             window.append(dist.mean_over_ranks(  # over every rank's pairs (equal shares)

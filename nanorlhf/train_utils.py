@@ -169,6 +169,17 @@ def check_finite(value, step, what="loss"):
         raise TrainingDiverged(f"{what} is {value} at step {step}; the last good checkpoint is kept")
 
 
+def optimizer_step(model, optimizer, scheduler, max_grad_norm, step):
+    """Clip the gradient norm (and stop on a NaN/inf one, before it reaches the weights), take one
+    optimizer step, advance the schedule, clear the gradients."""
+    if max_grad_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        check_finite(grad_norm.item(), step, "gradient norm")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def batch_order(n, seed, epoch):
     """The shuffled order of the data in one epoch: a pure function of (seed, epoch), so a resumed
     run replays the same order and skips to where it was."""
