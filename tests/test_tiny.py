@@ -142,3 +142,16 @@ def test_small_model_is_bigger_but_still_a_cpu_model(tokenizer):
 def test_model_is_built_deterministically_from_the_seed(tokenizer):
     a, b = build_tiny_model(tokenizer, seed=3), build_tiny_model(tokenizer, seed=3)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_chinese_pieces_are_single_characters(tokenizer):
+    """A small corpus once gave pieces like "普通感冒的常见症状有流鼻涕": the same symptom was cut
+    differently in every sentence, and the model never learnt Chinese symptoms (it named the right
+    condition for 10% of Chinese prompts, 96% of English ones)."""
+    cjk = [p for p in tokenizer.get_vocab() if tiny.CJK.search(p)]
+    assert cjk, "the demo corpus has Chinese: some pieces must be Chinese characters"
+    assert all(len(p.replace("▁", "")) == 1 for p in cjk), [p for p in cjk if len(p.replace("▁", "")) > 1][:5]
+    symptom = ids(tokenizer, "流鼻涕")
+    for context in ("我流鼻涕。", "普通感冒的常见症状有流鼻涕、喉咙痛。", "如果流鼻涕，可能是普通感冒。"):
+        sequence = ids(tokenizer, context)
+        assert any(sequence[i:i + len(symptom)] == symptom for i in range(len(sequence))), context
