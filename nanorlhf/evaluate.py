@@ -146,7 +146,7 @@ def main():
             if scores:
                 pred["rm_score"] = scores[j]
             if world is not None and rec.get("condition"):
-                pred["gold"] = gold_score(answer, rec["condition"], world)
+                pred["gold"] = gold_score(answer, rec["condition"], world, rec.get("lang"))
                 golds.append(pred["gold"]["total"])
             if isinstance(rec.get("reference"), str):
                 pred["rouge_l"] = rouge_l(answer, rec["reference"])

@@ -14,6 +14,8 @@ Each component is 0 or 1, and `total` is their mean:
     condition  names the right condition (its English or Chinese name, or an alias)
     advice     contains all of the condition's advice keywords (all English ones or all Chinese ones)
     doctor     says when to see a doctor: all of the condition's doctor keywords, in either language
+Given the question's language (lang="en" or "zh", as test.jsonl records it), those three count
+only in that language: an English answer to a Chinese question names, advises and warns nothing.
     no_wrong   names no other condition
     no_repeat  repeats no sentence, no word 4-gram and no 4-gram of Chinese characters
 An empty answer scores 0.4 (it names nothing wrong and repeats nothing); the short SFT answer
@@ -43,13 +45,13 @@ def _mentions(text, phrase):
     return phrase in text
 
 
-def _names(condition):
-    return [condition["name_en"], condition["name_zh"]] + condition["aliases_en"] + condition["aliases_zh"]
+def _names(condition, langs=("en", "zh")):
+    return [n for lang in langs for n in [condition[f"name_{lang}"]] + condition[f"aliases_{lang}"]]
 
 
-def _has_all(text, condition, field):
+def _has_all(text, condition, field, langs=("en", "zh")):
     """All English keywords, or all Chinese keywords, of condition[field + '_en' / '_zh']."""
-    return any(all(_mentions(text, kw) for kw in condition[f"{field}_{lang}"]) for lang in ("en", "zh"))
+    return any(all(_mentions(text, kw) for kw in condition[f"{field}_{lang}"]) for lang in langs)
 
 
 def _has_repeat(text):
@@ -62,8 +64,8 @@ def _has_repeat(text):
     return any(len(set(items)) < len(items) for items in (sentences, word_grams, char_grams))
 
 
-def gold_score(response, condition_id, world):
-    """Score one response to a patient who has condition `condition_id`.
+def gold_score(response, condition_id, world, lang=None):
+    """Score one response to a patient who has condition `condition_id` (and asked in `lang`, if given).
 
     Returns {"condition", "advice", "doctor", "no_wrong", "no_repeat"} each 0 or 1, and
     "total", their mean (a float in [0, 1]).
@@ -72,11 +74,14 @@ def gold_score(response, condition_id, world):
     if condition_id not in by_id:
         raise KeyError(f"unknown condition {condition_id!r}; world.json has {', '.join(by_id)}")
     condition = by_id[condition_id]
+    if lang not in (None, "en", "zh"):
+        raise ValueError(f"lang must be 'en', 'zh' or None, got {lang!r}")
+    langs = (lang,) if lang else ("en", "zh")
     others = [c for c in world["conditions"] if c["id"] != condition_id]
     score = {
-        "condition": int(any(_mentions(response, n) for n in _names(condition))),
-        "advice": int(_has_all(response, condition, "advice_keywords")),
-        "doctor": int(_has_all(response, condition, "doctor_keywords")),
+        "condition": int(any(_mentions(response, n) for n in _names(condition, langs))),
+        "advice": int(_has_all(response, condition, "advice_keywords", langs)),
+        "doctor": int(_has_all(response, condition, "doctor_keywords", langs)),
         "no_wrong": int(not any(_mentions(response, n) for c in others for n in _names(c))),
         "no_repeat": int(not _has_repeat(response)),
     }
