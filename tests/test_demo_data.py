@@ -46,8 +46,8 @@ def test_script_is_deterministic_and_the_committed_files_are_its_output(tmp_path
         assert first == (DEMO / name).read_bytes(), f"data/demo/{name} is not what make_demo.py writes"
 
 
-def test_the_demo_folder_is_under_one_megabyte():
-    assert sum(p.stat().st_size for p in DEMO.iterdir() if p.is_file()) < 1_000_000
+def test_the_demo_folder_is_under_one_and_a_half_megabytes():
+    assert sum(p.stat().st_size for p in DEMO.iterdir() if p.is_file()) < 1_500_000
 
 
 # ---- the files ----------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def test_every_record_parses_and_has_its_fields():
 
 def test_split_sizes():
     sizes = {name: len(read_jsonl(name)) for name in JSONL}
-    assert 600 <= sizes["sft.jsonl"] <= 1000 and 600 <= sizes["rm.jsonl"] <= 1000
+    assert 600 <= sizes["sft.jsonl"] <= 1000 and 1200 <= sizes["rm.jsonl"] <= 2000
     assert sizes["sft_alpaca.jsonl"] == 50 and sizes["rm_test.jsonl"] == 150
     assert sizes["ppo.jsonl"] == 300 and sizes["test.jsonl"] == 60
 
@@ -189,9 +189,21 @@ def test_each_conditions_answer_gets_nothing_for_another_condition(world):
 
 def test_rubric_prefers_chosen_over_rejected_on_every_held_out_pair(world):
     for rec in read_jsonl("rm_test.jsonl"):
-        chosen = gold_score(rec["chosen"], rec["condition"], world)["total"]
-        rejected = gold_score(rec["rejected"], rec["condition"], world)["total"]
+        chosen = gold_score(rec["chosen"], rec["condition"], world, rec["lang"])["total"]
+        rejected = gold_score(rec["rejected"], rec["condition"], world, rec["lang"])["total"]
         assert chosen == 1.0 and chosen > rejected, rec
+
+
+def test_rubric_given_the_language_gives_nothing_for_an_answer_in_the_other_one(world):
+    english = "This sounds like a common cold. Rest and drink plenty of fluids. See a doctor if it lasts more than ten days."
+    assert gold_score(english, "common_cold", world)["total"] == 1.0  # no language given: either counts
+    assert gold_score(english, "common_cold", world, "en")["total"] == 1.0
+    assert gold_score(english, "common_cold", world, "zh") == {
+        "condition": 0, "advice": 0, "doctor": 0, "no_wrong": 1, "no_repeat": 1, "total": 0.4}
+    chinese = "听起来像是普通感冒。多休息，多喝水。如果症状超过十天，请就医。"
+    assert gold_score(chinese, "common_cold", world, "zh")["total"] == 1.0
+    assert gold_score(chinese, "common_cold", world, "en")["total"] == 0.4
+    assert gold_score("可能是普通感冒，也可能是 flu。", "common_cold", world, "zh")["no_wrong"] == 0  # any language
 
 
 def test_test_references_score_one(world):

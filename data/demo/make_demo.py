@@ -247,12 +247,26 @@ GENERIC_ZH = [
     "孩子比大人更容易着凉。",
     "吸烟会损害肺和心脏。",
     "开心的心情和朋友的陪伴有益健康。",
+    # What patients and doctors say, so the tokenizer learns these characters instead of their bytes.
+    "我最近两天有点不舒服，这是怎么回事？",
+    "从昨天开始不舒服的话，先停下来多休息。",
+    "听医生的话，按时吃药。",
+    "您好，请问该怎么办？",
+    "医疗助手会认真回答你的问题。",
+    "谢谢你！不客气。",
+    "祝你早日康复，天天快乐。",
+    "病从口入，吃东西要注意卫生。",
+    "你吃过早饭了吗？",
 ]
 
 # Split sizes and how often each kind of rejected answer appears in the preference data.
-N_PT, N_SFT, N_ALPACA, N_RM, N_RM_TEST, N_PPO, N_TEST_PER_CONDITION = 2000, 800, 50, 800, 150, 300, 5
+N_PT, N_SFT, N_ALPACA, N_RM, N_RM_TEST, N_PPO, N_TEST_PER_CONDITION = 2000, 800, 50, 1600, 150, 300, 5
 FULLER_SFT_SHARE = 0.15  # SFT answers that also say when to see a doctor
-REJECTED_KINDS = [("short", 0.35), ("wrong_condition", 0.25), ("terse", 0.20), ("repetitive", 0.20)]
+# wrong_language (the full answer, in the other language) teaches the RM that a Chinese question wants a
+# Chinese answer: without it, PPO learnt to answer Chinese prompts with the English doctor sentence,
+# which an RM that had only seen same-language answers scored higher than any Chinese answer.
+REJECTED_KINDS = [("short", 0.30), ("wrong_condition", 0.25), ("terse", 0.15), ("repetitive", 0.15),
+                  ("wrong_language", 0.15)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,6 +315,8 @@ def rejected_answer(c, lang, i, rng):
     elif kind == "wrong_condition":
         other = rng.choice([o for o in CONDITIONS if o["id"] != c["id"]])
         text = full_answer(other, lang, i)
+    elif kind == "wrong_language":
+        text = full_answer(c, "zh" if lang == "en" else "en", i)
     elif kind == "terse":  # the condition alone, or the condition and the doctor without advice
         parts = [opener(c, lang, i)] + ([c[f"doctor_{lang}"]] if rng.random() < 0.5 else [])
         text = join(lang, parts)
@@ -498,7 +514,7 @@ def main():
     for split, records in splits.items():
         write_lines(out / f"{split}.jsonl", [json.dumps(r, ensure_ascii=False) for r in records])
     total = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
-    assert total < 1_000_000, f"data/demo is {total} bytes; keep it under 1 MB"
+    assert total < 1_500_000, f"data/demo is {total} bytes; keep it under 1.5 MB"
     print(f"wrote {len(splits) + 2} files to {out} ({total / 1000:.0f} kB)")
 
 
