@@ -13,7 +13,9 @@ from nanorlhf.chat import stream_text, stream_tokens
 from nanorlhf.data import encode_prompt
 from nanorlhf.rollout import generate, response_mask
 
-QUESTION = "I have a headache and a fever."
+# A question the 8-step fixture model answers with tokens, not with EOS at once (its greedy answer
+# to "I have a headache and a fever." is empty, which would make the comparisons below vacuous).
+QUESTION = "What could cause a runny nose?"
 
 
 def greedy_answer(model_dir, question, max_new_tokens):

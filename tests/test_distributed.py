@@ -121,7 +121,7 @@ def test_each_rank_resumes_its_own_random_state(monkeypatch):
 # ---------------------------------------------------------------- end to end, two processes
 
 ENV = {**os.environ, "TQDM_DISABLE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-SFT = ["--max_steps", 2, "--gradient_accumulation_steps", 2, "--max_length", 64, "--learning_rate", 1e-3,
+SFT = ["--max_steps", 2, "--gradient_accumulation_steps", 2, "--max_length", 128, "--learning_rate", 1e-3,
        "--lora_rank", 4, "--logging_steps", 1, "--save_steps", 1]
 # temperature 0 (greedy) and one minibatch per epoch: the two runs sample the same responses and
 # every optimizer step sees the whole batch, so they must agree to float rounding
