@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline on the built-in tiny model and medical dataset: PT -> SFT -> RM -> PPO,
-# merging the LoRA adapter after each stage, as in the MedicalGPT tutorials. CPU: a few minutes.
+# merging each LoRA adapter (SFT, PPO) into its base, as in the MedicalGPT tutorials. CPU: about 6 minutes.
 #   bash scripts/demo.sh [OUT_DIR]        (make demo runs it into runs/demo)
 set -euo pipefail
 # A ~1M-parameter model gains nothing from more threads, and on shared cores two threads were
