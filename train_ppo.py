@@ -31,7 +31,8 @@ from nanorlhf.errors import Interrupted, UserError, run_main
 from nanorlhf.lora import disable_adapters
 from nanorlhf.ppo_setup import (PolicyAndValue, build_models, check_same_tokenizer, load_ppo_checkpoint,
                                 save_ppo_checkpoint)
-from nanorlhf.rollout import critic_values, ended_with_eos, generate, logprobs_of, response_mask, reward_scores
+from nanorlhf.rollout import (critic_values, ended_with_eos, generate, logprobs_of, response_mask, reward_scores,
+                              trim_padding)
 
 
 @dataclasses.dataclass
@@ -229,16 +230,18 @@ def main():
                     rank_tokens = dist.sum_over_ranks(mask[minibatch].sum()) / world.size
                     for micro_start in range(0, len(minibatch), micro_size):
                         mb = minibatch[micro_start:micro_start + micro_size]
-                        mb_mask = mask[mb]
-                        share = mb_mask.sum() / rank_tokens
-                        logits, new_values = policy_and_value(query[mb], response[mb], mb_mask, query_mask[mb])
-                        new_logprobs = ppo.logprobs_from_logits(logits, response[mb])
-                        pg_loss, pg_stats = ppo.policy_loss(new_logprobs, old_logprobs[mb], advantages[mb],
+                        share = mask[mb].sum() / rank_tokens
+                        # only the columns some row of this micro-batch uses (exact; see trim_padding)
+                        mb_query, mb_query_mask, mb_response, mb_mask, R = trim_padding(
+                            query[mb], query_mask[mb], response[mb], mask[mb])
+                        logits, new_values = policy_and_value(mb_query, mb_response, mb_mask, mb_query_mask)
+                        new_logprobs = ppo.logprobs_from_logits(logits, mb_response)
+                        pg_loss, pg_stats = ppo.policy_loss(new_logprobs, old_logprobs[mb, :R], advantages[mb, :R],
                                                             mb_mask, args.cliprange)
                         loss = pg_loss
                         if use_critic:
                             cliprange_value = args.cliprange_value if args.cliprange_value > 0 else None
-                            vf_loss, vf_stats = ppo.value_loss(new_values, values[mb], returns[mb], mb_mask,
+                            vf_loss, vf_stats = ppo.value_loss(new_values, values[mb, :R], returns[mb, :R], mb_mask,
                                                                cliprange_value)
                             loss = loss + args.vf_coef * vf_loss
                             stats["vf_loss"].append(vf_loss.detach())

@@ -88,6 +88,22 @@ def ended_with_eos(response, eos_ids):
     return torch.isin(response, torch.tensor(sorted(set(eos_ids)), device=response.device)).any(1)
 
 
+def trim_padding(query, query_mask, response, mask):
+    """Drop the columns that are padding in every row: the left-padding all the prompts share and the
+    right-padding after the longest response. Returns (query, query_mask, response, mask, R) with
+    R the response columns kept; slice every other [B, R] tensor as [:, :R].
+
+    Exact, not an approximation: position ids are counted over real tokens, padded keys are masked
+    out of attention, and causal attention means no kept position ever looked at a dropped column.
+    A PPO minibatch is a random subset of the batch, so it is often shorter than the batch; this
+    is what the update's forward and backward then skip (length-aware batching without reordering).
+    """
+    keep_query = query_mask.bool().any(0)  # [P]: left padding comes first, so this is a suffix
+    first = int(keep_query.long().argmax()) if keep_query.any() else query_mask.size(1) - 1
+    R = int((mask > 0).any(0).nonzero().max()) + 1 if (mask > 0).any() else 1
+    return query[:, first:], query_mask[:, first:], response[:, :R], mask[:, :R], R
+
+
 def concat(query, response, mask, query_mask):
     """input_ids, attention_mask and position_ids of the sequences query + response."""
     input_ids = torch.cat([query, response], 1)

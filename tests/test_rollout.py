@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nanorlhf.ppo import logprobs_from_logits
 from nanorlhf.rollout import (ended_with_eos, generate, policy_logits, position_ids_from, response_mask,
-                              sample_token)
+                              sample_token, trim_padding)
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +104,42 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert draws == {0}
     draws = {sample_token(logits, 1.0, top_p=0.8).item() for _ in range(200)}
     assert draws == {0, 1}
+
+
+def test_trim_padding_hand_cases():
+    P = 0  # pad id
+    query = torch.tensor([[P, P, 5, 6], [P, P, P, 7]])
+    query_mask = (query != P).long()
+    # row 0 ends at its first token (EOS first), row 1 uses 3 of 5 columns: 2 columns are padding in both
+    response = torch.tensor([[2, P, P, P, P], [8, 9, 2, P, P]])
+    mask = torch.tensor([[1., 0, 0, 0, 0], [1, 1, 1, 0, 0]])
+    q, qm, r, m, R = trim_padding(query, query_mask, response, mask)
+    assert R == 3 and q.tolist() == [[5, 6], [P, 7]] and qm.tolist() == [[1, 1], [0, 1]]
+    assert r.tolist() == [[2, P, P], [8, 9, 2]] and m.tolist() == [[1, 0, 0], [1, 1, 1]]
+    # full length and no padding: nothing to drop
+    full = torch.ones(2, 5)
+    q, qm, r, m, R = trim_padding(query[:, 2:], query_mask[:, 2:].fill_(1), response, full)
+    assert R == 5 and q.shape == (2, 2) and r.shape == (2, 5)
+    # every response ended at its first token (EOS first): one column is left
+    first_only = torch.zeros(2, 5)
+    first_only[:, 0] = 1
+    assert trim_padding(query, query_mask, response, first_only)[4] == 1
+
+
+def test_trimmed_forward_equals_the_full_one(lm):
+    """What the PPO update computes on a trimmed micro-batch equals the full batch's kept columns."""
+    model, tok = lm
+    torch.manual_seed(0)
+    query, query_mask, response, _ = generate(model, prompts_of(tok, TEXTS), 16, [tok.eos_token_id],
+                                              tok.pad_token_id, temperature=1.0)
+    mask = response_mask(response, [tok.eos_token_id], tok.pad_token_id)
+    rows = [0, 1]  # the two shorter prompts: the longest one's left padding goes
+    with torch.no_grad():
+        full = logprobs_from_logits(policy_logits(model, query[rows], response[rows], mask[rows], query_mask[rows]),
+                                    response[rows])
+        q, qm, r, m, R = trim_padding(query[rows], query_mask[rows], response[rows], mask[rows])
+        trimmed = logprobs_from_logits(policy_logits(model, q, r, m, qm), r)
+    assert q.size(1) < query.size(1)
+    assert trimmed.shape == (2, R)
+    assert torch.where(mask[rows, :R] > 0, trimmed - full[:, :R], 0.0).abs().max() < 1e-5
+    assert (mask[rows, R:] == 0).all()  # nothing real was dropped
