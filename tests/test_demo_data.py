@@ -195,7 +195,8 @@ def test_rubric_prefers_chosen_over_rejected_on_every_held_out_pair(world):
 
 
 def test_rubric_given_the_language_gives_nothing_for_an_answer_in_the_other_one(world):
-    english = "This sounds like a common cold. Rest and drink plenty of fluids. See a doctor if it lasts more than ten days."
+    english = ("This sounds like a common cold. Rest and drink plenty of fluids. "
+               "See a doctor if it lasts more than ten days.")
     assert gold_score(english, "common_cold", world)["total"] == 1.0  # no language given: either counts
     assert gold_score(english, "common_cold", world, "en")["total"] == 1.0
     assert gold_score(english, "common_cold", world, "zh") == {
