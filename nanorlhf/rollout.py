@@ -98,9 +98,8 @@ def trim_padding(query, query_mask, response, mask):
     A PPO minibatch is a random subset of the batch, so it is often shorter than the batch; this
     is what the update's forward and backward then skip (length-aware batching without reordering).
     """
-    keep_query = query_mask.bool().any(0)  # [P]: left padding comes first, so this is a suffix
-    first = int(keep_query.long().argmax()) if keep_query.any() else query_mask.size(1) - 1
-    R = int((mask > 0).any(0).nonzero().max()) + 1 if (mask > 0).any() else 1
+    first = query_mask.size(1) - int(query_mask.bool().any(0).sum())  # left padding: used columns are a suffix
+    R = max(1, int((mask > 0).any(0).sum()))  # right padding after EOS: used columns are a prefix
     return query[:, first:], query_mask[:, first:], response[:, :R], mask[:, :R], R
 
 
