@@ -17,7 +17,7 @@ Each component is 0 or 1, and `total` is their mean:
     no_wrong   names no other condition
     no_repeat  repeats no sentence, no word 4-gram and no 4-gram of Chinese characters
 Given the question's language (lang="en" or "zh", as test.jsonl records it), condition, advice
-and doctor count only in that language: an English answer to a Chinese question scores 0.4.
+and doctor count only in that language: an English answer to a Chinese question scores 0.4 at most.
 An empty answer scores 0.4 (it names nothing wrong and repeats nothing); the short SFT answer
 scores 0.8; the full answer (condition, advice, when to see a doctor) scores 1.0.
 English phrases match whole words, case-insensitively ('flu' is not found in 'fluids').
