@@ -27,7 +27,7 @@ from nanorlhf import distributed as dist
 from nanorlhf import ppo
 from nanorlhf import train_utils as tu
 from nanorlhf.data import encode_prompt, prompt_messages, read_records
-from nanorlhf.errors import Interrupted, UserError, run_main
+from nanorlhf.errors import UserError, run_main
 from nanorlhf.lora import disable_adapters
 from nanorlhf.ppo_setup import (PolicyAndValue, build_models, check_same_tokenizer, load_ppo_checkpoint,
                                 save_ppo_checkpoint)
@@ -293,11 +293,8 @@ def main():
                 metrics.log(update, **row)
             bar.update(1)
             bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.3f}")
-            stop = dist.any_rank(ctrl_c.pressed)  # every rank stops at the same iteration
-            if stop or (args.save_steps > 0 and update % args.save_steps == 0 and update < updates):
-                save_ppo_checkpoint(args, m, tokenizer, optimizer, scheduler, kl_ctl, update)
-            if stop:
-                raise Interrupted(f"saved checkpoint-{update} in {args.output_dir}; continue with --resume")
+            ctrl_c.save_or_stop(update, updates, args.save_steps, args.output_dir,
+                                lambda: save_ppo_checkpoint(args, m, tokenizer, optimizer, scheduler, kl_ctl, update))
     finally:
         ctrl_c.restore()
     bar.close()

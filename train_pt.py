@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from nanorlhf import distributed as dist
 from nanorlhf import train_utils as tu
 from nanorlhf.data import read_records, pack_documents
-from nanorlhf.errors import Interrupted, UserError, run_main
+from nanorlhf.errors import UserError, run_main
 from nanorlhf.tiny import build_tiny_model, train_tokenizer
 
 
@@ -114,11 +114,7 @@ def main():
             bar.set_postfix(loss=f"{loss:.3f}")
             if step % args.logging_steps == 0 or step == steps:
                 metrics.log(step, loss=loss, lr=scheduler.get_last_lr()[0], epoch=micro[-1][0])
-            stop = dist.any_rank(ctrl_c.pressed)  # every rank stops at the same step
-            if stop or (args.save_steps > 0 and step % args.save_steps == 0 and step < steps):
-                checkpoint()
-            if stop:
-                raise Interrupted(f"saved checkpoint-{step} in {args.output_dir}; continue with --resume")
+            ctrl_c.save_or_stop(step, steps, args.save_steps, args.output_dir, checkpoint)
     finally:
         ctrl_c.restore()
     bar.close()

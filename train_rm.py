@@ -27,7 +27,7 @@ from transformers import AutoModelForSequenceClassification
 from nanorlhf import distributed as dist
 from nanorlhf import train_utils as tu
 from nanorlhf.data import encode_answer, encode_prompt, read_records, to_pair
-from nanorlhf.errors import Interrupted, UserError, run_main
+from nanorlhf.errors import UserError, run_main
 from nanorlhf.rm import (CONFIG_FILE, SCORE_BIAS, Scorer, check_pad, collate_pairs, init_head, normalize_head,
                          pair_stats, pairwise_loss, score, score_pairs)
 
@@ -215,11 +215,7 @@ def main():
                             f"eval/accuracy {row['eval/accuracy']:.4f}")
                 metrics.log(step, **row)
                 window = []
-            stop = dist.any_rank(ctrl_c.pressed)  # every rank stops at the same step
-            if stop or (args.save_steps > 0 and step % args.save_steps == 0 and step < steps):
-                checkpoint()
-            if stop:
-                raise Interrupted(f"saved checkpoint-{step} in {args.output_dir}; continue with --resume")
+            ctrl_c.save_or_stop(step, steps, args.save_steps, args.output_dir, checkpoint)
     finally:
         ctrl_c.restore()
     bar.close()

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from nanorlhf import distributed as dist
 from nanorlhf import train_utils as tu
 from nanorlhf.data import IGNORE, collate_lm, encode_dialogue, read_records, to_messages
-from nanorlhf.errors import Interrupted, UserError, run_main
+from nanorlhf.errors import UserError, run_main
 
 
 @dataclasses.dataclass
@@ -130,11 +130,7 @@ def main():
                     row["eval/loss"] = evaluate(model, evals, args.per_device_train_batch_size,
                                                 tokenizer.pad_token_id, device)
                 metrics.log(step, **row)
-            stop = dist.any_rank(ctrl_c.pressed)  # every rank stops at the same step
-            if stop or (args.save_steps > 0 and step % args.save_steps == 0 and step < steps):
-                checkpoint()
-            if stop:
-                raise Interrupted(f"saved checkpoint-{step} in {args.output_dir}; continue with --resume")
+            ctrl_c.save_or_stop(step, steps, args.save_steps, args.output_dir, checkpoint)
     finally:
         ctrl_c.restore()
     bar.close()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from nanorlhf import distributed as dist
-from nanorlhf.errors import UserError
+from nanorlhf.errors import Interrupted, UserError
 
 
 # ---------------------------------------------------------------- arguments
@@ -409,6 +409,16 @@ class CtrlC:
 
     def restore(self):
         signal.signal(signal.SIGINT, self._previous)
+
+    def save_or_stop(self, step, steps, save_steps, output_dir, checkpoint):
+        """After each optimizer step: call checkpoint() every save_steps steps (not at the last one,
+        the final save covers it), and if Ctrl-C was pressed on any rank, save and stop (exit 130).
+        Every rank decides together, so they all stop at the same step."""
+        stop = dist.any_rank(self.pressed)
+        if stop or (save_steps > 0 and step % save_steps == 0 and step < steps):
+            checkpoint()
+        if stop:
+            raise Interrupted(f"saved checkpoint-{step} in {output_dir}; continue with --resume")
 
 
 def batches_per_epoch(n, batch_size, world_size=1):
