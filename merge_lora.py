@@ -47,8 +47,11 @@ def main():
 
     # Merge in float32 (exact enough to match PEFT), then save in the requested dtype.
     tu.check_model_dir(args.base, "--base")  # fix: a wrong --base was reported as a wrong "--model"
+    # The adapter's tokenizer (its pad, a <pad> row the base must grow) is the one the adapter was trained with.
+    tokenizer_dir = args.adapter if os.path.isfile(os.path.join(args.adapter, "tokenizer_config.json")) else args.base
+    tokenizer = tu.load_tokenizer(tokenizer_dir, args.trust_remote_code)
     model = tu.load_model(args.base, cls, torch.device("cpu"), torch.float32, args.trust_remote_code,
-                          **kwargs)
+                          tokenizer=tokenizer, **kwargs)
     dtype = model.config.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
         load_adapter(model, args.adapter)
@@ -58,10 +61,7 @@ def main():
         raise UserError(f"{config_path}: missing field {e}") from None
     merge_lora(model)
     model.to(dtype or torch.float32)
-    tokenizer_dir = args.adapter if os.path.isfile(os.path.join(args.adapter, "tokenizer_config.json")) else args.base
-    tokenizer = tu.load_tokenizer(tokenizer_dir, args.trust_remote_code)
     if task_type == "SEQ_CLS":
-        model.config.pad_token_id = tokenizer.pad_token_id  # the classifier reads the last non-pad token
         # train_rm.py --normalize_scores leaves the score's offset beside the adapter: into config.json.
         extra = os.path.join(args.adapter, "nanorlhf_config.json")
         if os.path.isfile(extra):

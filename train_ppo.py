@@ -29,6 +29,7 @@ from nanorlhf import train_utils as tu
 from nanorlhf.data import encode_prompt, prompt_messages, read_records
 from nanorlhf.errors import UserError, run_main
 from nanorlhf.lora import disable_adapters
+from nanorlhf.template import stop_ids
 from nanorlhf.ppo_setup import (PolicyAndValue, build_models, check_same_tokenizer, load_ppo_checkpoint,
                                 save_ppo_checkpoint)
 from nanorlhf.rollout import (critic_values, ended_with_eos, generate, logprobs_of, response_mask, reward_scores,
@@ -81,7 +82,7 @@ class Args(tu.BaseArgs):
 def load_prompts(tokenizer, paths, max_length):
     prompts, too_long = [], []
     for where, rec in read_records(paths):
-        ids = encode_prompt(tokenizer, prompt_messages(rec, where))
+        ids = encode_prompt(tokenizer, prompt_messages(rec, where), where)
         if len(ids) > max_length:
             too_long.append(where)
             continue
@@ -118,19 +119,19 @@ def main():
     tokenizer = tu.load_tokenizer(args.sft, args.trust_remote_code)
     check_same_tokenizer(tokenizer, tu.load_tokenizer(args.rm, args.trust_remote_code), args.sft, args.rm)
     prompts = load_prompts(tokenizer, args.data, args.max_length)
-    eos_ids = [tokenizer.eos_token_id]
 
     # ---- models: policy (+ reference), critic (+ reward); see build_models for the memory plan
     use_critic = args.advantage_estimator == "gae"
-    m = build_models(args, device, dtype, use_critic)
+    m = build_models(args, device, dtype, use_critic, tokenizer)
     policy, ref_policy, critic, v_head, reward_model = m.policy, m.ref_policy, m.critic, m.v_head, m.reward_model
+    eos_ids = stop_ids(tokenizer, policy)  # a response ends at the end-of-turn token or any of the model's EOS
     if world.enabled:  # the models are built alike on every rank; from here each rank samples its own responses
         tu.set_seed(args.seed + world.rank)
     max_positions = getattr(policy.config, "max_position_embeddings", None)
     if max_positions and args.max_length + args.response_length > max_positions:
         raise UserError(f"--max_length {args.max_length} + --response_length {args.response_length} exceeds "
                         f"the model's {max_positions} positions ({args.sft})")
-    tu.prepare_output_dir(args.output_dir, args.resume)
+    tu.prepare_output_dir(args.output_dir, args.resume, args.overwrite_output_dir)
 
     # ---- optimiser over everything trained: policy LoRA, critic LoRA, value head
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -165,6 +166,7 @@ def main():
     policy_and_value = dist.wrap(PolicyAndValue(policy, critic, v_head, args.temperature), world)
     tu.info(f"{len(prompts)} prompts; {updates} PPO iterations of {n_prompts} prompts x {k}; "
             f"policy: {tu.describe(policy)}")
+    tu.info(f"responses end at {', '.join(repr(tokenizer.convert_ids_to_tokens(i)) for i in eos_ids)}")
 
     ctrl_c = tu.CtrlC()  # Ctrl-C: finish this iteration, save a checkpoint, stop
     bar = dist.progress_bar(world, total=updates, initial=update, desc="ppo", dynamic_ncols=True)

@@ -26,10 +26,10 @@ from transformers import AutoModelForSequenceClassification
 
 from nanorlhf import distributed as dist
 from nanorlhf import train_utils as tu
-from nanorlhf.data import encode_answer, encode_prompt, read_records, to_pair
+from nanorlhf.data import encode_answer, read_records, to_pair
 from nanorlhf.errors import UserError, run_main
-from nanorlhf.rm import (CONFIG_FILE, SCORE_BIAS, Scorer, check_pad, collate_pairs, init_head, normalize_head,
-                         pair_stats, pairwise_loss, score, score_pairs)
+from nanorlhf.rm import (CONFIG_FILE, SCORE_BIAS, Scorer, collate_pairs, init_head, normalize_head, pair_stats,
+                         pairwise_loss, score, score_pairs)
 
 
 @dataclasses.dataclass
@@ -46,7 +46,8 @@ class Args(tu.BaseArgs):
 
 def load_pairs(tokenizer, paths, max_length, margin_field=""):
     """Records -> [(chosen_ids, rejected_ids, margin)], each answer after the SFT chat-format prompt
-    and ending with EOS. Pairs with chosen == rejected, or longer than max_length, are dropped."""
+    and ending with the end-of-turn token the score is read at. Pairs with chosen == rejected, or
+    longer than max_length, are dropped."""
     pairs, same, too_long = [], [], 0
     for where, rec in read_records(paths):
         prompt, chosen, rejected = to_pair(rec, where)
@@ -60,9 +61,8 @@ def load_pairs(tokenizer, paths, max_length, margin_field=""):
         if chosen == rejected:
             same.append(where)
             continue
-        prompt_ids = encode_prompt(tokenizer, prompt)
-        chosen_ids = encode_answer(tokenizer, prompt_ids, chosen)
-        rejected_ids = encode_answer(tokenizer, prompt_ids, rejected)
+        chosen_ids = encode_answer(tokenizer, prompt, chosen, where)
+        rejected_ids = encode_answer(tokenizer, prompt, rejected, where)
         # Cutting a sequence would cut off the EOS the score is read at: drop the pair instead.
         if max(len(chosen_ids), len(rejected_ids)) > max_length:
             too_long += 1
@@ -128,8 +128,7 @@ def main():
 
     # ---- tokenizer and data first: bad input fails before anything is loaded or written
     tu.check_model_dir(args.model)
-    tokenizer = tu.load_tokenizer(args.model, args.trust_remote_code)
-    check_pad(tokenizer, args.model)
+    tokenizer = tu.load_tokenizer(args.model, args.trust_remote_code)  # pad distinct from the end of turn
     pad_id = tokenizer.pad_token_id
     train = load_pairs(tokenizer, args.data, args.max_length, args.margin_field)
     if args.eval_data:
@@ -140,9 +139,8 @@ def main():
         evals = []
 
     # ---- model: the SFT model's backbone plus a fresh scalar head; LoRA on the backbone, or all of it
-    model = tu.setup_model(args, AutoModelForSequenceClassification, device, dtype, lora_exclude=["score"],
+    model = tu.setup_model(args, AutoModelForSequenceClassification, device, dtype, tokenizer, lora_exclude=["score"],
                            num_labels=1)
-    model.config.pad_token_id = pad_id  # transformers reads the score at the last non-pad token
     if not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
         init_head(model)  # a causal LM has no head yet (a reward model being trained further keeps its own)
         tu.info("score head: new, initialised N(0, 1/sqrt(d+1))")
@@ -150,7 +148,7 @@ def main():
     if lora:
         model.score.requires_grad_(True)  # the head is new: trained whole, saved as modules_to_save
     tu.info(f"{len(train)} training pairs, {len(evals)} evaluation pairs; {tu.describe(model)}")
-    tu.prepare_output_dir(args.output_dir, args.resume)
+    tu.prepare_output_dir(args.output_dir, args.resume, args.overwrite_output_dir)
 
     def save_weights(out_dir):
         tu.save_model(model, tokenizer, out_dir, lora, base_path=os.path.abspath(args.model),

@@ -14,12 +14,14 @@ import os
 import sys
 
 import torch
+from transformers import DynamicCache
 
 from nanorlhf import train_utils as tu
 from nanorlhf.data import encode_prompt
 from nanorlhf.errors import UserError, run_main
 from nanorlhf.evaluate import load_policy
 from nanorlhf.rollout import sample_token
+from nanorlhf.template import stop_ids
 
 PROMPT = ">>> "
 
@@ -29,10 +31,9 @@ def stream_tokens(model, prompt_ids, max_new_tokens, eos_ids, temperature=0.7, t
     """Yield sampled token ids one by one (EOS ends the answer and is not yielded). One sequence,
     no padding: the KV cache holds the prompt after the first forward, then one token per step."""
     input_ids = torch.tensor([prompt_ids], device=next(model.parameters()).device)
-    past = None
+    cache = DynamicCache(config=model.config)
     for _ in range(max_new_tokens):
-        out = model(input_ids=input_ids, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
         token = sample_token(out.logits[:, -1].float(), temperature, top_k, top_p)
         if token.item() in eos_ids:
             return
@@ -111,9 +112,7 @@ def main():
     tokenizer, model = load_policy(args.model, device, dtype, args.trust_remote_code)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    eos_ids = {tokenizer.eos_token_id}
-    generation_eos = getattr(model.generation_config, "eos_token_id", None)  # e.g. Qwen's <|im_end|>
-    eos_ids |= set(generation_eos if isinstance(generation_eos, list) else [generation_eos]) - {None}
+    eos_ids = set(stop_ids(tokenizer, model))  # the end of turn (e.g. Qwen's <|im_end|>) and the model's EOS ids
     max_positions = getattr(model.config, "max_position_embeddings", 0)
     system = [{"role": "system", "content": args.system}] if args.system else []
 

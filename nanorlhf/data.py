@@ -1,8 +1,9 @@
 """Reading the data formats users already have, and turning them into token ids and labels.
 
 Every record keeps where it came from ("file:line"), so a bad record gets one clear line that
-names the file and the line. Chat formatting uses the tokenizer's own chat template when it has
-one, else ChatML; labels are set only on assistant turns (every one of a multi-turn dialogue).
+names the file and the line. Chat formatting is nanorlhf.template's (the tokenizer's own chat
+template); labels are set only on assistant turns (every one of a multi-turn dialogue), up to and
+including the token that ends each turn.
 """
 
 import json
@@ -11,11 +12,9 @@ import os
 import torch
 
 from nanorlhf.errors import UserError
-from nanorlhf.tiny import CHATML_TEMPLATE
+from nanorlhf.template import end_of_turn, render
 
 IGNORE = -100  # label of a token that is context, not something the model should learn to say
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-         "bot": "assistant", "system": "system"}
 
 
 # ---------------------------------------------------------------- reading files
@@ -83,6 +82,12 @@ def _parse_json(text, where, want_object=True, in_line=False):
 
 # ---------------------------------------------------------------- formats -> messages
 
+# A record's roles -> ours. "function_call" is an assistant turn that calls a tool (its value is the
+# call as JSON: {"name", "arguments"} or a list of them); "observation" / "tool" is the tool's result.
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
+         "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool"}
+
+
 def _text(value, where, field):
     if value is None:  # fix: an absent field read "must be a string, got NoneType"
         raise UserError(f"{where}: missing field {field!r}")
@@ -91,8 +96,34 @@ def _text(value, where, field):
     return value
 
 
+def _json_field(value, where, field):
+    """A field that holds JSON: already parsed (a list or an object), or a string of it."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: field {field!r} is not valid JSON: {e.msg} (column {e.colno})") from None
+    return value
+
+
+def _tool_calls(value, where, field):
+    """A tool call as the data writes it -> the chat-template form [{"type": "function", "function":
+    {"name", "arguments"}}]. Accepts {"name", "arguments"}, a list of them, or OpenAI's tool_calls."""
+    calls = _json_field(value, where, field)
+    calls = calls if isinstance(calls, list) else [calls]
+    out = []
+    for call in calls:
+        call = call.get("function", call) if isinstance(call, dict) else call
+        if not (isinstance(call, dict) and isinstance(call.get("name"), str)):
+            raise UserError(f"{where}: {field} must be a tool call {{\"name\": ..., \"arguments\": ...}} "
+                            "(or a list of them)")
+        arguments = _json_field(call.get("arguments", {}), where, f"{field} arguments")
+        out.append({"type": "function", "function": {"name": call["name"], "arguments": arguments}})
+    return out
+
+
 def _message_list(turns, where, field):
-    """sharegpt turns ({"from","value"}) or messages ({"role","content"}) -> messages."""
+    """sharegpt turns ({"from","value"}) or messages ({"role","content"}, tool_calls) -> messages."""
     if not isinstance(turns, list):
         raise UserError(f"{where}: field {field!r} must be a list of turns, got {type(turns).__name__}")
     messages = []
@@ -101,11 +132,30 @@ def _message_list(turns, where, field):
             raise UserError(f"{where}: {field}[{j}] must be an object, got {type(turn).__name__}")
         role = turn.get("role", turn.get("from"))
         content = turn.get("content", turn.get("value"))
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise UserError(f"{where}: {field}[{j}] has unknown role {role!r} "
                             f"(expected one of {', '.join(sorted(ROLES))})")
-        messages.append({"role": ROLES[role], "content": _text(content, where, f"{field}[{j}] content")})
+        if role == "function_call" or (ROLES[role] == "assistant" and turn.get("tool_calls")):
+            calls = _tool_calls(content if role == "function_call" else turn["tool_calls"], where, f"{field}[{j}]")
+            # `content` is the call as plain text, for a template that knows no tools
+            text = content if isinstance(content, str) and content else json.dumps(
+                [c["function"] for c in calls] if len(calls) > 1 else calls[0]["function"], ensure_ascii=False)
+            messages.append({"role": "assistant", "content": text, "tool_calls": calls})
+        else:
+            messages.append({"role": ROLES[role], "content": _text(content, where, f"{field}[{j}] content")})
     return messages
+
+
+def _tools(rec, where):
+    """The record's `tools` (LLaMA-Factory: a JSON string of a list; or a list): function
+    descriptions {"name", "description", "parameters"}, unwrapped from OpenAI's {"type", "function"}."""
+    if not rec.get("tools"):
+        return None
+    tools = _json_field(rec["tools"], where, "tools")
+    tools = tools if isinstance(tools, list) else [tools]
+    if not all(isinstance(t, dict) for t in tools):
+        raise UserError(f"{where}: field 'tools' must be a list of function descriptions")
+    return [t.get("function", t) if t.get("type") == "function" else t for t in tools]
 
 
 def _history(rec, where):
@@ -123,7 +173,10 @@ def _history(rec, where):
 
 
 def to_messages(rec, where):
-    """Detect the format of an SFT/PPO record by its fields and return its messages."""
+    """Detect the format of an SFT/PPO record by its fields and return its messages.
+
+    A `tools` field rides on the first message (key "tools"): the dialogue stays one list, and
+    template.render hands the tools to the chat template."""
     system = [{"role": "system", "content": _text(rec["system"], where, "system")}] if rec.get("system") else []
     if "messages" in rec:
         messages = _message_list(rec["messages"], where, "messages")
@@ -152,15 +205,20 @@ def to_messages(rec, where):
         system, messages = messages[:1], messages[1:]
     if not messages or messages[0]["role"] != "user":
         raise UserError(f"{where}: a dialogue must start with a user turn")
-    return system + messages
+    messages = system + messages
+    tools = _tools(rec, where)
+    if tools:
+        messages[0] = {**messages[0], "tools": tools}
+    return messages
 
 
 def prompt_messages(rec, where):
-    """The prompt of a PPO record: the dialogue up to, not including, its final assistant turn."""
+    """The prompt of a PPO record: the dialogue up to, not including, its final assistant turn
+    (it ends with the user's message, or with a tool's result the model is to answer)."""
     messages = to_messages(rec, where)
     if messages[-1]["role"] == "assistant":
         messages = messages[:-1]
-    if messages[-1]["role"] != "user":
+    if messages[-1]["role"] not in ("user", "tool"):
         raise UserError(f"{where}: the prompt must end with a user turn")
     return messages
 
@@ -193,63 +251,72 @@ def to_pair(rec, where):
     if any(f in rest for f in ("prompt", "question", "conversations", "messages", "instruction")):
         prompt = to_messages(rest, where)
     elif dialogue:
-        prompt = to_messages({"messages": dialogue}, where)
+        prompt = to_messages({"messages": dialogue, "tools": rec.get("tools")}, where)
     else:
         raise UserError(f"{where}: missing field 'prompt' (or 'question', 'conversations')")
-    if prompt[-1]["role"] != "user":
+    if prompt[-1]["role"] not in ("user", "tool"):
         raise UserError(f"{where}: the prompt must end with a user turn")
     return prompt, answers[0], answers[1]
 
 
 # ---------------------------------------------------------------- chat template -> ids
 
-def chat_template(tokenizer):
-    return tokenizer.chat_template or CHATML_TEMPLATE
-
-
-def render(tokenizer, messages, add_generation_prompt=False):
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         chat_template=chat_template(tokenizer))
-
-
 def _ids(tokenizer, text):
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    """Token ids of `text` as it reads after a special token, which is where every piece of a chat
+    starts (after <|im_end|>, <bos>, [/INST]...). Tokenized alone, a SentencePiece-style tokenizer
+    (Llama-2, Mistral, Phi-3) would open each piece with a "▁" that the whole chat never has: the
+    model would learn to begin every answer with a space it does not see when it generates."""
+    if not text:
+        return []
+    ids = tokenizer(tokenizer.eos_token + text, add_special_tokens=False)["input_ids"]
+    return ids[1:] if ids[0] == tokenizer.eos_token_id else tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def encode_dialogue(tokenizer, messages, where="<dialogue>"):
     """Token ids and labels of a whole dialogue; labels only on the assistant turns.
 
-    The chat template renders the dialogue; we cut it where each assistant answer starts and
-    ends (by rendering the prefix with the generation prompt), so the labels are exactly the
-    answer plus its end-of-turn marker. EOS follows each answer (added if the template has none).
+    The chat template renders the dialogue once. Each assistant answer starts where the dialogue
+    before it, rendered with the generation prompt, ends (so the context is exactly the prompt
+    the policy is given at generation time); it ends with the template's end-of-turn token
+    (template.end_of_turn), which is labelled. What the template writes after that token (a
+    newline) is context for the next turn, and after the last answer it is dropped. A template
+    that writes no end-of-turn token gets EOS appended to every answer.
     """
-    input_ids, labels, done = [], [], ""
+    eot_text, eot_id, written = end_of_turn(tokenizer)
+    full = render(tokenizer, messages, where=where)
+    input_ids, labels, done = [], [], 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
-        full = render(tokenizer, messages[: i + 1])
-        if not (prefix.startswith(done) and full.startswith(prefix)):
+        prefix = render(tokenizer, messages[:i], add_generation_prompt=True, where=where)
+        if len(prefix) < done or not full.startswith(prefix):
             raise UserError(f"{where}: the chat template does not render turn by turn; cannot place labels")
-        context = _ids(tokenizer, prefix[len(done):])
-        answer = _ids(tokenizer, full[len(prefix):])
-        if tokenizer.eos_token_id not in answer:
-            answer.append(tokenizer.eos_token_id)
+        if written:
+            end = full.find(eot_text, len(prefix))
+            if end < 0:
+                raise UserError(f"{where}: the chat template wrote no {eot_text!r} after an assistant answer")
+            end += len(eot_text)
+            answer = _ids(tokenizer, full[len(prefix):end])
+        else:
+            end = len(render(tokenizer, messages[: i + 1], where=where))
+            answer = _ids(tokenizer, full[len(prefix):end]) + [eot_id]
+        context = _ids(tokenizer, full[done:len(prefix)])
         input_ids += context + answer
         labels += [IGNORE] * len(context) + answer
-        done = full
+        done = end
     return input_ids, labels
 
 
-def encode_prompt(tokenizer, messages):
+def encode_prompt(tokenizer, messages, where="<dialogue>"):
     """Prompt ids ending with the generation prompt (e.g. '<|im_start|>assistant\\n')."""
-    return _ids(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
+    return _ids(tokenizer, render(tokenizer, messages, add_generation_prompt=True, where=where))
 
 
-def encode_answer(tokenizer, prompt_ids, answer):
-    """prompt_ids + the answer's ids + EOS (how a response is scored by the reward model)."""
-    ids = _ids(tokenizer, answer)
-    return prompt_ids + ids + [tokenizer.eos_token_id]
+def encode_answer(tokenizer, messages, answer, where="<dialogue>"):
+    """The ids of prompt + answer, ending with the end-of-turn token: what the reward model scores.
+    The same tokens SFT trains on, and the same the rollout samples (it stops at that token)."""
+    ids, _ = encode_dialogue(tokenizer, messages + [{"role": "assistant", "content": answer}], where)
+    return ids
 
 
 def pack_documents(tokenizer, texts, block_size):

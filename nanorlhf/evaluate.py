@@ -26,6 +26,7 @@ from nanorlhf.errors import UserError, run_main
 from nanorlhf.lora import load_adapter, merge_lora
 from nanorlhf.rollout import generate, policy_logits, response_mask, reward_scores
 from nanorlhf.rubric import gold_score, load_world
+from nanorlhf.template import stop_ids
 
 _WORD = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]+", re.UNICODE)  # one CJK character, or a word
 
@@ -61,14 +62,14 @@ def distinct_n(texts, n):
 def load_policy(path, device, dtype, trust_remote_code=False):
     """A merged model dir, or an adapter dir merged onto the base it names."""
     adapter_config = os.path.join(path, "adapter_config.json")
+    tokenizer = tu.load_tokenizer(path, trust_remote_code)
     if not os.path.isfile(adapter_config):
-        return (tu.load_tokenizer(path, trust_remote_code),
-                tu.load_model(path, AutoModelForCausalLM, device, dtype, trust_remote_code).eval())
+        return tokenizer, tu.load_model(path, AutoModelForCausalLM, device, dtype, trust_remote_code, tokenizer).eval()
     with open(adapter_config, encoding="utf-8") as f:
         base = json.load(f).get("base_model_name_or_path") or ""
-    model = tu.load_model(base, AutoModelForCausalLM, device, torch.float32, trust_remote_code)
+    model = tu.load_model(base, AutoModelForCausalLM, device, torch.float32, trust_remote_code, tokenizer)
     merge_lora(load_adapter(model, path))
-    return tu.load_tokenizer(path, trust_remote_code), model.to(dtype).eval()
+    return tokenizer, model.to(dtype).eval()
 
 
 @torch.no_grad()
@@ -106,21 +107,21 @@ def main():
         named.append((name, path))
     records = read_records(args.data)
     tokenizer, _ = load_policy(named[0][1], torch.device("cpu"), torch.float32, args.trust_remote_code)
-    prompts = [encode_prompt(tokenizer, prompt_messages(rec, where)) for where, rec in records]
+    prompts = [encode_prompt(tokenizer, prompt_messages(rec, where), where) for where, rec in records]
     world = None
     if any("condition" in rec for _, rec in records) and os.path.isfile(args.world):
         world = load_world(args.world)
     reward_model = (tu.load_model(args.rm, AutoModelForSequenceClassification, device, dtype,
-                                  args.trust_remote_code, num_labels=1).eval() if args.rm else None)
+                                  args.trust_remote_code, tokenizer, num_labels=1).eval() if args.rm else None)
     ref_name, ref_path = ("ref", args.ref) if args.ref else named[0]
     _, ref = load_policy(ref_path, device, dtype, args.trust_remote_code)
-    eos_ids = [tokenizer.eos_token_id]
 
     results, predictions = [], []
     for name, path in named:
         tok, model = load_policy(path, device, dtype, args.trust_remote_code)
         if tok.get_vocab() != tokenizer.get_vocab():
             raise UserError(f"{path}: its tokenizer differs from {named[0][1]}'s; compare models of one pipeline")
+        eos_ids = stop_ids(tok, model)  # the end of turn and the model's own EOS ids
         torch.manual_seed(args.seed)  # every model samples with the same seed
         answers, scores, kls, lengths = [], [], [], []
         for i in range(0, len(prompts), args.batch_size):

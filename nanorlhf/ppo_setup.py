@@ -71,12 +71,13 @@ def _frozen(model):
     return model.eval()
 
 
-def build_models(args, device, dtype, use_critic):
+def build_models(args, device, dtype, use_critic, tokenizer):
     """Load and wire the models for PPO. Every model stays in eval mode: dropout would make the
     log-probs of the training forward differ from the rollout's (N+ implementation details)."""
     lora = args.finetuning_type == "lora"
     lora_kwargs = dict(r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_target)
-    load = lambda path, cls, **kw: tu.load_model(path, cls, device, dtype, args.trust_remote_code, **kw)  # noqa: E731
+    load = lambda path, cls, **kw: tu.load_model(path, cls, device, dtype, args.trust_remote_code,  # noqa: E731
+                                                 tokenizer=tokenizer, **kw)
     policy = load(args.sft, AutoModelForCausalLM).eval()
     ref_policy = None
     if lora:

@@ -3,7 +3,8 @@
 The model is transformers' own `AutoModelForSequenceClassification` with num_labels=1: the causal
 LM's backbone (`model.model` for Llama/Qwen) plus a linear head `model.score` [1, d] without bias.
 The score of a sequence is the head applied to the hidden state of its last real token, which is
-the EOS that ends the answer (Ouyang et al. 2022, InstructGPT, section 3.5; Stiennon et al. 2020).
+the end-of-turn token that closes the answer (`<|im_end|>`, `<|eot_id|>`...; see nanorlhf.template)
+(Ouyang et al. 2022, InstructGPT, section 3.5; Stiennon et al. 2020).
 Saved that way, a reward model loads with `AutoModelForSequenceClassification.from_pretrained(dir)`
 and gives the same scores as `score` below (plus the stored bias, see SCORE_BIAS).
 
@@ -58,13 +59,16 @@ def backbone(model):
     return getattr(model, model.base_model_prefix)
 
 
-def score(model, input_ids, attention_mask):
-    """Reward of each sequence: [B, T] ids and mask -> [B] float32 scores.
+def score(model, input_ids, attention_mask, position_ids=None):
+    """Reward of each sequence: [B, T] ids and mask -> [B] float32 scores. The one scorer: the RM
+    stage, PPO's reward and evaluate all read the reward model through it.
 
     Runs the backbone, takes the hidden state at the last real token and applies the head,
     then adds the bias --normalize_scores stored in the config (0 when there is none).
+    position_ids: for left-padded rows (PPO's query + response), positions that count real tokens.
     """
-    hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B,T,d]
+    hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids).last_hidden_state  # [B, T, d]
     rows = torch.arange(hidden.size(0), device=hidden.device)
     last = hidden[rows, last_token_index(attention_mask)]  # [B, d]
     return model.score(last).squeeze(-1).float() + getattr(model.config, SCORE_BIAS, 0.0)
@@ -118,14 +122,6 @@ def init_head(model):
         model.score.weight.normal_(mean=0.0, std=1.0 / math.sqrt(d + 1))
 
 
-def check_pad(tokenizer, where):
-    """pad must differ from EOS: the score is read at the EOS ending the answer, and a reader that
-    looks for the last non-pad token (transformers does) would skip it if pad == EOS."""
-    if tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise UserError(f"{where}: the tokenizer's pad token equals its EOS token ({tokenizer.eos_token!r}); "
-                        "a reward model needs a distinct pad token (set tokenizer.pad_token and save it)")
-
-
 def normalize_head(model, scores):
     """Make `scores` (of the model as it is) mean 0, std 1: s' = (s - mean) / std.
 
@@ -149,8 +145,6 @@ def load_reward_model(path, device, dtype, trust_remote_code=False):
     from nanorlhf import train_utils as tu
 
     tokenizer = tu.load_tokenizer(path, trust_remote_code)
-    check_pad(tokenizer, path)
     model = tu.load_model(path, AutoModelForSequenceClassification, device, dtype,
-                          trust_remote_code=trust_remote_code, num_labels=1)
-    model.config.pad_token_id = tokenizer.pad_token_id
+                          trust_remote_code=trust_remote_code, tokenizer=tokenizer, num_labels=1)
     return model.eval(), tokenizer

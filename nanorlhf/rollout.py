@@ -7,9 +7,11 @@ prompt sees the same positions as the same prompt alone.
 """
 
 import torch
+from transformers import DynamicCache
 
 from nanorlhf.data import pad
 from nanorlhf.ppo import logprobs_from_logits
+from nanorlhf.rm import backbone, score
 
 
 def position_ids_from(attention_mask):
@@ -54,11 +56,11 @@ def generate(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=1.0, t
     eos = torch.tensor(sorted(set(eos_ids)), device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     tokens, logprobs = [], []
-    query_mask, input_ids, past = attention_mask, query, None
+    query_mask, input_ids = attention_mask, query
+    cache = DynamicCache(config=model.config)  # keys and values of every token so far, grown each step
     for _ in range(max_new_tokens):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=past, use_cache=True, logits_to_keep=1)  # only the next token's logits
-        past = out.past_key_values
+                    cache=cache, use_cache=True, logits_to_keep=1)  # only the next token's logits
         logits = out.logits[:, -1].float()
         token = sample_token(logits, temperature, top_k, top_p)
         scaled = logits / temperature if temperature > 0 else logits
@@ -121,27 +123,19 @@ def policy_logits(model, query, response, mask, query_mask, temperature=1.0):
     return logits / temperature if temperature > 0 else logits
 
 
-def hidden_states(seq_model, query, response, mask, query_mask):
-    """Last hidden states [B, P+R, d] of a sequence-classification model's backbone."""
-    input_ids, attention_mask, position_ids = concat(query, response, mask, query_mask)
-    backbone = getattr(seq_model, seq_model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-    return hidden.last_hidden_state, attention_mask
-
-
 def critic_values(seq_model, v_head, query, response, mask, query_mask):
     """V(s_t) [B, R]: the value of the state before each response token (read at column t-1)."""
-    hidden, _ = hidden_states(seq_model, query, response, mask, query_mask)
+    input_ids, attention_mask, position_ids = concat(query, response, mask, query_mask)
+    hidden = backbone(seq_model)(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids).last_hidden_state  # [B, P+R, d]
     P = query.size(1)
     return v_head(hidden[:, P - 1:-1]).squeeze(-1).float()
 
 
 def reward_scores(seq_model, query, response, mask, query_mask):
-    """The reward model's score [B] of each query + response, read at the last real token."""
-    hidden, attention_mask = hidden_states(seq_model, query, response, mask, query_mask)
-    last = attention_mask.size(1) - 1 - attention_mask.flip(1).argmax(1)  # index of the last 1
-    score = seq_model.score(hidden[torch.arange(hidden.size(0), device=hidden.device), last]).squeeze(-1).float()
-    return score + getattr(seq_model.config, "nanorlhf_score_bias", 0.0)
+    """The reward model's score [B] of each query + response, read at its last real token (rm.score)."""
+    input_ids, attention_mask, position_ids = concat(query, response, mask, query_mask)
+    return score(seq_model, input_ids, attention_mask, position_ids)
 
 
 def logprobs_of(model, query, response, mask, query_mask, temperature=1.0):

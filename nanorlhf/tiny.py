@@ -13,11 +13,8 @@ import sentencepiece as spm
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-# ChatML, the format Qwen2.5 uses, so that what a student learns here carries over.
-CHATML_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from nanorlhf.template import CHATML_TEMPLATE  # ChatML, Qwen2.5's format: what a student learns here carries over
+
 # pad must differ from EOS: transformers' sequence classifier reads the last non-pad token, and
 # a pad equal to EOS would make it read the wrong position (a classic reward-model bug).
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]

@@ -47,7 +47,7 @@ SFT_BAD = {
     "unknown role": ("d.jsonl",
                      b'{"conversations": [{"from": "human", "value": "q"}, {"from": "bob", "value": "a"}]}\n',
                      "{p}:1: conversations[2] has unknown role 'bob' "
-                     "(expected one of assistant, bot, gpt, human, system, user)"),
+                     "(expected one of assistant, bot, function_call, gpt, human, observation, system, tool, user)"),
     "missing field": ("d.jsonl", b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant"}]}\n',
                       "{p}:1: missing field 'messages[2] content'"),
     "unknown format": ("d.jsonl", b'{"query": "q", "answer": "a"}\n',

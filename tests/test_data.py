@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 from nanorlhf.data import (IGNORE, encode_dialogue, encode_prompt, pack_documents, prompt_messages,
                            read_records, render, to_messages, to_pair)
 from nanorlhf.errors import UserError
+from nanorlhf.template import prepare_tokenizer
 
 GEN = "<|im_start|>assistant\n"  # the generation prompt
 
@@ -69,13 +70,13 @@ def write(path, content):
 def test_alpaca_labels_only_the_output(tok):
     rec = {"instruction": "Name a fruit.", "output": "An apple."}
     assert encoded_segments(tok, rec) == [(False, turn("user", "Name a fruit.") + GEN),
-                                          (True, "An apple.<|im_end|>\n")]
+                                          (True, "An apple.<|im_end|>")]
 
 
 def test_alpaca_input_follows_the_instruction_on_a_new_line(tok):
     rec = {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"}
     assert encoded_segments(tok, rec) == [(False, turn("user", "Translate to French.\nGood morning") + GEN),
-                                          (True, "Bonjour<|im_end|>\n")]
+                                          (True, "Bonjour<|im_end|>")]
 
 
 def test_alpaca_empty_input_adds_nothing(tok):
@@ -88,9 +89,9 @@ def test_alpaca_history_and_system_come_first_and_every_answer_is_labelled(tok):
     rec = {"system": "Be brief.", "history": [["Hi", "Hello!"], ["Are you there?", "Yes."]],
            "instruction": "Bye", "output": "Goodbye."}
     assert encoded_segments(tok, rec) == [
-        (False, turn("system", "Be brief.") + turn("user", "Hi") + GEN), (True, "Hello!<|im_end|>\n"),
-        (False, turn("user", "Are you there?") + GEN), (True, "Yes.<|im_end|>\n"),
-        (False, turn("user", "Bye") + GEN), (True, "Goodbye.<|im_end|>\n"),
+        (False, turn("system", "Be brief.") + turn("user", "Hi") + GEN), (True, "Hello!<|im_end|>"),
+        (False, "\n" + turn("user", "Are you there?") + GEN), (True, "Yes.<|im_end|>"),
+        (False, "\n" + turn("user", "Bye") + GEN), (True, "Goodbye.<|im_end|>"),
     ]
 
 
@@ -102,9 +103,9 @@ def test_sharegpt_labels_every_assistant_turn_and_no_system_or_user_turn(tok):
                              {"from": "gpt", "value": "Rest and drink water."}]}
     assert encoded_segments(tok, rec) == [
         (False, turn("system", "You are a doctor.") + turn("user", "I have a cough.") + GEN),
-        (True, "Since when?<|im_end|>\n"),
-        (False, turn("user", "Two days.") + GEN),
-        (True, "Rest and drink water.<|im_end|>\n"),
+        (True, "Since when?<|im_end|>"),
+        (False, "\n" + turn("user", "Two days.") + GEN),
+        (True, "Rest and drink water.<|im_end|>"),
     ]
 
 
@@ -119,8 +120,8 @@ def test_messages_format_labels_assistant_turns(tok):
                         {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
                         {"role": "assistant", "content": "A2"}]}
     assert encoded_segments(tok, rec) == [
-        (False, turn("system", "S") + turn("user", "Q1") + GEN), (True, "A1<|im_end|>\n"),
-        (False, turn("user", "Q2") + GEN), (True, "A2<|im_end|>\n"),
+        (False, turn("system", "S") + turn("user", "Q1") + GEN), (True, "A1<|im_end|>"),
+        (False, "\n" + turn("user", "Q2") + GEN), (True, "A2<|im_end|>"),
     ]
 
 
@@ -130,7 +131,7 @@ def test_input_ids_decode_to_exactly_the_rendered_chat_text(tok):
     expected = turn("system", "S") + turn("user", "Q1") + turn("assistant", "A1") + turn("user", "Q2") \
         + turn("assistant", "A2")
     assert render(tok, messages) == expected
-    assert tok.decode(ids) == expected
+    assert tok.decode(ids) == expected[:-1]  # the newline after the last <|im_end|> is neither label nor context
 
 
 def test_every_answer_ends_with_eos(tok):
@@ -147,8 +148,8 @@ def test_chinese_dialogue_labels_round_trip_exactly(tok):
                              {"from": "gpt", "value": "如果高烧不退，请就医。"}]}
     assert encoded_segments(tok, rec) == [
         (False, turn("user", "医生，我头疼，还发烧，怎么办？") + GEN),
-        (True, "可能是流感。多休息，多喝水。<|im_end|>\n"),
-        (False, turn("user", "要吃药吗？😷") + GEN), (True, "如果高烧不退，请就医。<|im_end|>\n"),
+        (True, "可能是流感。多休息，多喝水。<|im_end|>"),
+        (False, "\n" + turn("user", "要吃药吗？😷") + GEN), (True, "如果高烧不退，请就医。<|im_end|>"),
     ]
 
 
@@ -183,9 +184,10 @@ def test_prompt_ids_end_with_the_generation_prompt(tok):
 
 # ---------------------------------------------------------------- the chat template
 
-def test_tokenizer_without_chat_template_falls_back_to_chatml(tok, fresh_tok):
+def test_tokenizer_without_chat_template_but_with_chatml_tokens_falls_back_to_chatml(tok, fresh_tok):
     messages = [user("Q"), assistant("A")]
     fresh_tok.chat_template = None
+    assert prepare_tokenizer(fresh_tok, "m") == ["m: no chat template; using ChatML (saved with the outputs)"]
     assert render(fresh_tok, messages) == turn("user", "Q") + turn("assistant", "A")
     assert encode_dialogue(fresh_tok, messages) == encode_dialogue(tok, messages)
 
@@ -293,7 +295,7 @@ BAD_FILES = {  # name: (file name, bytes, expected message with {p} for the path
     "unknown role": ("a.jsonl",
                      b'{"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]}',
                      "{p}:1: conversations[2] has unknown role 'robot' "
-                     "(expected one of assistant, bot, gpt, human, system, user)"),
+                     "(expected one of assistant, bot, function_call, gpt, human, observation, system, tool, user)"),
     "content not a string": ("a.jsonl", b'{"messages": [{"role": "user", "content": ["q"]}]}',
                              "{p}:1: field 'messages[1] content' must be a string, got list"),
     "missing turn content": ("a.jsonl",

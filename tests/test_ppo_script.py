@@ -68,7 +68,8 @@ def randomize_lora(model):
 
 def test_reference_is_the_sft_model_with_adapters_off(tiny_model_dir, rm_dir):
     torch.manual_seed(0)
-    m = build_models(ppo_args(tiny_model_dir, rm_dir), torch.device("cpu"), torch.float32, use_critic=True)
+    m = build_models(ppo_args(tiny_model_dir, rm_dir), torch.device("cpu"), torch.float32, use_critic=True,
+                     tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir))
     randomize_lora(m.policy)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompts = [tok(text, add_special_tokens=False)["input_ids"] for text in ("The common cold", "偏头痛会")]
@@ -86,7 +87,8 @@ def test_reference_is_the_sft_model_with_adapters_off(tiny_model_dir, rm_dir):
 
 def test_reward_is_the_rm_with_the_critic_adapters_off(tiny_model_dir, rm_dir):
     torch.manual_seed(0)
-    m = build_models(ppo_args(tiny_model_dir, rm_dir), torch.device("cpu"), torch.float32, use_critic=True)
+    m = build_models(ppo_args(tiny_model_dir, rm_dir), torch.device("cpu"), torch.float32, use_critic=True,
+                     tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir))
     assert m.reward_model is m.critic  # one base model for both
     randomize_lora(m.critic)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -107,7 +109,8 @@ def test_reward_is_the_rm_with_the_critic_adapters_off(tiny_model_dir, rm_dir):
 
 
 def test_value_head_starts_as_the_reward_head(tiny_model_dir, rm_dir):
-    m = build_models(ppo_args(tiny_model_dir, rm_dir), torch.device("cpu"), torch.float32, use_critic=True)
+    m = build_models(ppo_args(tiny_model_dir, rm_dir), torch.device("cpu"), torch.float32, use_critic=True,
+                     tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir))
     assert torch.equal(m.v_head.weight, m.critic.score.weight)
     assert m.v_head.weight.data_ptr() != m.critic.score.weight.data_ptr()  # a copy, trained on its own
     trainable = {n for n, p in m.critic.named_parameters() if p.requires_grad}

@@ -4,7 +4,6 @@ preference formats, bad input, and that transformers loads a saved RM and scores
 import json
 import math
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from nanorlhf.data import encode_answer, encode_prompt, to_pair
 from nanorlhf.errors import UserError
-from nanorlhf.rm import (CONFIG_FILE, SCORE_BIAS, check_pad, collate_pairs, init_head, last_token_index,
+from nanorlhf.rm import (CONFIG_FILE, SCORE_BIAS, collate_pairs, init_head, last_token_index,
                          load_reward_model, pairwise_loss, score, score_pairs)
 
 TOL = 1e-4
@@ -42,12 +41,6 @@ def test_last_token_index_for_right_and_left_padding():
     left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
     assert last_token_index(right).tolist() == [2, 4, 0]
     assert last_token_index(left).tolist() == [4, 4, 4]
-
-
-def test_pad_equal_to_eos_is_refused():
-    with pytest.raises(UserError, match="pad token equals its EOS"):
-        check_pad(SimpleNamespace(pad_token_id=2, eos_token_id=2, eos_token="</s>"), "some/model")
-    check_pad(SimpleNamespace(pad_token_id=0, eos_token_id=2, eos_token="</s>"), "some/model")
 
 
 # ---------------------------------------------------------------- the preference formats
@@ -99,10 +92,10 @@ def test_incomplete_pair_raises_one_line_naming_where(name):
         to_pair(record, "f.jsonl:7")
 
 
-def test_pair_is_encoded_in_the_sft_chat_format_and_ends_with_eos(tiny_model_dir):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+def test_pair_is_encoded_in_the_sft_chat_format_and_ends_with_the_end_of_turn(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # its end of turn, <|im_end|>, is its EOS
     prompt_ids = encode_prompt(tokenizer, TURNS)
-    chosen_ids = encode_answer(tokenizer, prompt_ids, GOOD)
+    chosen_ids = encode_answer(tokenizer, TURNS, GOOD)
     assert chosen_ids[:len(prompt_ids)] == prompt_ids and chosen_ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(chosen_ids[len(prompt_ids):-1]) == GOOD  # Chinese round-trips exactly
     assert tokenizer.decode(prompt_ids).endswith("<|im_start|>assistant\n")
@@ -125,9 +118,7 @@ def encoded_pairs(tokenizer, n=3):
     with open(os.path.join(DEMO, "rm_test.jsonl"), encoding="utf-8") as f:
         for i, line in zip(range(n), f):
             prompt, chosen, rejected = to_pair(json.loads(line), f"rm_test.jsonl:{i + 1}")
-            prompt_ids = encode_prompt(tokenizer, prompt)
-            pairs.append((encode_answer(tokenizer, prompt_ids, chosen),
-                          encode_answer(tokenizer, prompt_ids, rejected), 0.0))
+            pairs.append((encode_answer(tokenizer, prompt, chosen), encode_answer(tokenizer, prompt, rejected), 0.0))
     return pairs
 
 
@@ -238,7 +229,7 @@ def test_normalized_rm_gives_training_chosen_answers_mean_0_std_1(lora_rm, rm_fi
     chosen = []
     for i, rec in enumerate(records):
         prompt, answer, _ = to_pair(rec, f"train.jsonl:{i + 1}")
-        chosen.append(encode_answer(tokenizer, encode_prompt(tokenizer, prompt), answer))
+        chosen.append(encode_answer(tokenizer, prompt, answer))
     scores = score(model, *padded(chosen, tokenizer.pad_token_id, "right"))
     assert scores.mean().item() == pytest.approx(0.0, abs=1e-3)
     assert scores.std().item() == pytest.approx(1.0, abs=1e-3)
