@@ -51,7 +51,7 @@ def main():
     if args.model:
         tu.check_model_dir(args.model)  # fix: a wrong path got the Hub loader's "Repo id must be..." message
         tokenizer = tu.load_tokenizer(args.model, args.trust_remote_code)
-        model = tu.setup_model(args, AutoModelForCausalLM, device, dtype)
+        model = tu.setup_model(args, AutoModelForCausalLM, device, dtype, tokenizer)
     elif checkpoints:  # resuming the tiny default: its tokenizer and weights are in the checkpoint
         tokenizer = tu.load_tokenizer(checkpoints[-1])
         model = tu.load_model(checkpoints[-1], AutoModelForCausalLM, device, dtype)
@@ -66,7 +66,7 @@ def main():
     blocks = pack_documents(tokenizer, texts, args.block_size)
     tu.info(f"{len(texts)} documents -> {len(blocks)} blocks of {args.block_size} tokens; {tu.describe(model)}")
 
-    tu.prepare_output_dir(args.output_dir, args.resume)
+    tu.prepare_output_dir(args.output_dir, args.resume, args.overwrite_output_dir)
     lora = args.finetuning_type == "lora"
     base_path = args.model
 

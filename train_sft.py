@@ -74,9 +74,9 @@ def main():
     evals = load_dialogues(tokenizer, args.eval_data, args.max_length) if args.eval_data else []
 
     # ---- model: LoRA on a frozen base, or the whole model
-    model = tu.setup_model(args, AutoModelForCausalLM, device, dtype)
+    model = tu.setup_model(args, AutoModelForCausalLM, device, dtype, tokenizer)
     tu.info(f"{len(train)} dialogues; {tu.describe(model)}")
-    tu.prepare_output_dir(args.output_dir, args.resume)
+    tu.prepare_output_dir(args.output_dir, args.resume, args.overwrite_output_dir)
     lora = args.finetuning_type == "lora"
 
     def save_weights(out_dir):

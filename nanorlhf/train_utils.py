@@ -24,10 +24,13 @@ from nanorlhf.errors import Interrupted, UserError
 @dataclasses.dataclass
 class BaseArgs:
     """Flags every stage shares (names as in LLaMA-Factory / transformers' TrainingArguments)."""
-    model: str = dataclasses.field(default="", metadata={"help": "model directory (transformers format)"})
+    model: str = dataclasses.field(default="", metadata={"help": "model directory (transformers format)",
+                                                         "aliases": ["model_name_or_path"]})
     data: str = dataclasses.field(default="", metadata={"help": "data file(s), comma-separated: .txt .json .jsonl"})
     eval_data: str = dataclasses.field(default="", metadata={"help": "held-out data file(s)"})
     output_dir: str = dataclasses.field(default="", metadata={"help": "where the model, checkpoints, metrics go"})
+    overwrite_output_dir: bool = dataclasses.field(default=False, metadata={
+        "help": "delete an earlier run in --output_dir first (otherwise a run there is refused)"})
     max_steps: int = dataclasses.field(default=-1, metadata={"help": "optimizer steps (overrides epochs if > 0)"})
     num_train_epochs: float = dataclasses.field(default=1.0, metadata={"help": "passes over the data"})
     per_device_train_batch_size: int = dataclasses.field(default=8, metadata={"help": "sequences per micro-batch"})
@@ -41,7 +44,8 @@ class BaseArgs:
     lora_alpha: float = dataclasses.field(default=16.0, metadata={"help": "LoRA alpha (scaling alpha/r)"})
     lora_dropout: float = dataclasses.field(default=0.0, metadata={"help": "dropout on the LoRA input"})
     lora_target: str = dataclasses.field(default="all", metadata={"help": "module names, comma-separated, or all"})
-    max_length: int = dataclasses.field(default=512, metadata={"help": "longest sequence in tokens"})
+    max_length: int = dataclasses.field(default=512, metadata={"help": "longest sequence in tokens",
+                                                               "aliases": ["cutoff_len"]})
     seed: int = dataclasses.field(default=42, metadata={"help": "random seed"})
     logging_steps: int = dataclasses.field(default=10, metadata={"help": "log every N steps"})
     save_steps: int = dataclasses.field(default=0, metadata={"help": "checkpoint every N steps (0 = end only)"})
@@ -54,22 +58,87 @@ class BaseArgs:
         "help": "also log to: none | tensorboard (output_dir/tensorboard)", "choices": ["none", "tensorboard"]})
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (exit 2 via UserError) instead of usage + message."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def _flag_type(f):
+    return {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type) if isinstance(f.type, str) \
+        else f.type
+
+
+def read_config(path, cls):
+    """A YAML or JSON file of flags ({"learning_rate": 1e-4, ...}) -> {field name: value}, checked
+    the way the command line checks them. Aliases (metadata "aliases") are accepted as keys."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such config file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)  # JSON is YAML too
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise UserError(f"{where}: malformed config: {getattr(e, 'problem', None) or e}") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: a config file must map flag names to values, got {type(config).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = {alias: name for name, f in fields.items() for alias in f.metadata.get("aliases", [])}
+    names.update({name: name for name in fields})
+    out = {}
+    for key, value in config.items():
+        name = names.get(str(key).lstrip("-"))
+        if name is None:
+            raise UserError(f"{path}: unknown flag {key!r}")
+        kind = _flag_type(fields[name])
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind is float and isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise UserError(f"{path}: {key} must be {kind.__name__}, got {value!r}")
+        choices = fields[name].metadata.get("choices")
+        if choices and value not in choices:
+            raise UserError(f"{path}: {key} must be one of {', '.join(choices)}, got {value!r}")
+        out[name] = value
+    return out
+
+
 def parse_args(cls, argv=None):
-    """Build argparse from a dataclass: every field is a `--name` flag with its help text."""
-    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip())
+    """Build argparse from a dataclass: every field is a `--name` flag with its help text.
+
+    `python train_X.py config.yaml [--flag value ...]`: a YAML/JSON file of the same flags comes
+    first, and flags on the command line override it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config = read_config(argv.pop(0), cls) if argv and not argv[0].startswith("-") else {}
+    parser = ArgumentParser(description=(cls.__doc__ or "").strip(),
+                            usage="%(prog)s [config.yaml] [--flag value ...]")
     for f in dataclasses.fields(cls):
         help_ = f.metadata.get("help", "") + f" (default: {f.default})"
+        flags = [f"--{f.name}"] + [f"--{a}" for a in f.metadata.get("aliases", [])]
         if f.type in (bool, "bool"):
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_)
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_,
+            parser.add_argument(*flags, dest=f.name, type=_flag_type(f), default=f.default, help=help_,
                                 choices=f.metadata.get("choices"))
+    parser.set_defaults(**config)
     args = cls(**vars(parser.parse_args(argv)))
     if getattr(args, "finetuning_type", "lora") not in ("lora", "full"):
         raise UserError(f"--finetuning_type must be lora or full, got {args.finetuning_type!r}")
     if getattr(args, "report_to", "none") == "tensorboard":
         tensorboard_writer_class()  # fail now, before anything is loaded or written
+    if getattr(args, "resume", False) and getattr(args, "overwrite_output_dir", False):
+        raise UserError("--resume continues the run in --output_dir and --overwrite_output_dir deletes it: pick one")
     return args
 
 
@@ -109,28 +178,34 @@ def check_model_dir(path, what="--model"):
 
 
 def load_tokenizer(path, trust_remote_code=False):
+    """The tokenizer of a model dir, given a chat template and a pad distinct from EOS and from the
+    end of turn where it lacks them (nanorlhf.template.prepare_tokenizer says what it changed)."""
     from transformers import AutoTokenizer
+
+    from nanorlhf.template import prepare_tokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot load a tokenizer: {str(e).splitlines()[0]}") from None
-    if tokenizer.pad_token_id is None:
-        raise UserError(f"{path}: the tokenizer has no pad token; set one distinct from EOS "
-                        "(e.g. tokenizer.pad_token = '<|endoftext|>' for Qwen) and save it")
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"{path}: the tokenizer has no EOS token")
+    for line in prepare_tokenizer(tokenizer, path):
+        info(line)
     return tokenizer
 
 
-def load_model(path, cls, device, dtype, trust_remote_code=False, **kwargs):
-    """Load a transformers model from safetensors only (never a pickle a user was handed)."""
+def load_model(path, cls, device, dtype, trust_remote_code=False, tokenizer=None, **kwargs):
+    """Load a transformers model from safetensors only (never a pickle a user was handed); with its
+    tokenizer, made to agree with it (an added pad's embedding row, pad and stop ids: template.fit_model)."""
+    from nanorlhf.template import fit_model
+
     check_model_dir(path)
     try:
         model = cls.from_pretrained(path, dtype=dtype, use_safetensors=True,
                                     trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot load the model: {str(e).splitlines()[0]}") from None
+    if tokenizer is not None:
+        fit_model(model, tokenizer)
     return model.to(device)
 
 
@@ -266,12 +341,20 @@ class Metrics:
 
 # ---------------------------------------------------------------- saving and checkpoints
 
-def prepare_output_dir(output_dir, resume):
-    """Create the output dir; refuse to mix a fresh run into a directory that holds another run."""
+def prepare_output_dir(output_dir, resume, overwrite=False):
+    """Create the output dir; refuse to mix a fresh run into a directory that holds another run
+    (metrics.jsonl or a checkpoint), or with overwrite, delete that run first."""
     if not output_dir:
         raise UserError("--output_dir is required")
-    if os.path.isdir(output_dir) and not resume and os.path.exists(os.path.join(output_dir, "metrics.jsonl")):
-        raise UserError(f"{output_dir}: already holds a run; pass --resume to continue it or choose another dir")
+    holds_run = os.path.exists(os.path.join(output_dir, "metrics.jsonl")) or bool(list_checkpoints(output_dir))
+    if holds_run and not resume:
+        if not overwrite:
+            raise UserError(f"{output_dir}: already holds a run; pass --resume to continue it, "
+                            "--overwrite_output_dir to replace it, or choose another dir")
+        if dist.is_main():
+            info(f"--overwrite_output_dir: deleting the earlier run in {output_dir}")
+            shutil.rmtree(output_dir)
+        dist.barrier()
     os.makedirs(output_dir, exist_ok=True)
 
 
@@ -445,11 +528,12 @@ def micro_batches(n, batch_size, seed, skip=0, world_size=1):
         k += 1
 
 
-def setup_model(args, cls, device, dtype, lora_exclude=(), **load_kwargs):
+def setup_model(args, cls, device, dtype, tokenizer, lora_exclude=(), **load_kwargs):
     """Load args.model with `cls`, then add LoRA (frozen base) or train it whole."""
     from nanorlhf.lora import add_lora
 
-    model = load_model(args.model, cls, device, dtype, trust_remote_code=args.trust_remote_code, **load_kwargs)
+    model = load_model(args.model, cls, device, dtype, trust_remote_code=args.trust_remote_code,
+                       tokenizer=tokenizer, **load_kwargs)
     if args.finetuning_type == "lora":
         try:
             add_lora(model, r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,

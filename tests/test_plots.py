@@ -59,7 +59,7 @@ def test_report_to_tensorboard_without_it_installed_is_one_clear_error(monkeypat
 
 def test_report_to_accepts_only_known_loggers():
     assert tu.parse_args(tu.BaseArgs, []).report_to == "none"
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match=r"^argument --report_to: invalid choice: 'wandb'"):
         tu.parse_args(tu.BaseArgs, ["--report_to", "wandb"])
 
 

@@ -6,6 +6,7 @@ import itertools
 import math
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -293,6 +294,64 @@ def test_typed_flags_are_parsed_to_their_type():
 def test_bad_finetuning_type_is_a_user_error():
     with pytest.raises(UserError, match=r"^--finetuning_type must be lora or full, got 'qlora'$"):
         tu.parse_args(Args, ["--finetuning_type", "qlora"])
+
+
+def test_an_unknown_flag_is_one_line_naming_it():
+    with pytest.raises(UserError, match=r"^unrecognized arguments: --do_train$"):
+        tu.parse_args(Args, ["--do_train"])
+
+
+def test_a_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
+    path = tmp_path / "sft.yaml"
+    path.write_text("model_name_or_path: Qwen2.5-0.5B  # LLaMA-Factory's name for --model\nlearning_rate: 1e-4\n"
+                    "block_size: 64\nwhiten: false\ncutoff_len: 1024\noverwrite_output_dir: true\n", encoding="utf-8")
+    args = tu.parse_args(Args, [str(path), "--block_size", "32"])
+    assert (args.model, args.learning_rate, args.block_size, args.whiten, args.max_length, args.overwrite_output_dir) \
+        == ("Qwen2.5-0.5B", 1e-4, 32, False, 1024, True)
+    json_path = tmp_path / "sft.json"
+    json_path.write_text('{"learning_rate": 0.001, "num_train_epochs": 2}', encoding="utf-8")
+    from_json = tu.parse_args(Args, [str(json_path)])
+    assert (from_json.learning_rate, from_json.num_train_epochs) == (0.001, 2.0)
+
+
+@pytest.mark.parametrize("text,error", [
+    ("do_train: true\n", "{p}: unknown flag 'do_train'"),
+    ("block_size: many\n", "{p}: block_size must be int, got 'many'"),
+    ("report_to: wandb\n", "{p}: report_to must be one of none, tensorboard, got 'wandb'"),
+    ("- a list\n", "{p}: a config file must map flag names to values, got list"),
+    ("a: [1\n", "{p}:2: malformed config: "),
+])
+def test_a_bad_config_file_is_one_line_naming_the_file(tmp_path, text, error):
+    path = tmp_path / "c.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(UserError, match="^" + re.escape(error.format(p=path))):
+        tu.parse_args(Args, [str(path)])
+    with pytest.raises(UserError, match=r"no such config file"):
+        tu.parse_args(Args, [str(tmp_path / "missing.yaml")])
+
+
+@pytest.mark.parametrize("stage", ["pt", "sft", "rm", "ppo"])
+def test_every_example_config_is_read_by_its_stage(stage):
+    import runpy
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = runpy.run_path(os.path.join(root, f"train_{stage}.py"), run_name="example")  # its Args, not main()
+    args = tu.parse_args(script["Args"], [os.path.join(root, "examples", f"{stage}.yaml")])
+    assert args.output_dir == f"runs/{stage}"
+
+
+def test_overwrite_output_dir_replaces_an_earlier_run_and_resume_keeps_it(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(UserError, match="already holds a run; pass --resume to continue it, --overwrite_output_dir"):
+        tu.prepare_output_dir(str(out), resume=False)
+    tu.prepare_output_dir(str(out), resume=True)
+    assert (out / "metrics.jsonl").exists()
+    tu.prepare_output_dir(str(out), resume=False, overwrite=True)
+    assert out.is_dir() and not (out / "metrics.jsonl").exists()
+    with pytest.raises(UserError, match="pick one"):
+        tu.parse_args(Args, ["--resume", "--overwrite_output_dir"])
 
 
 def test_total_steps_from_epochs_and_accumulation():
