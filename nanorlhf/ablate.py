@@ -23,6 +23,7 @@ import time
 from nanorlhf import plots
 from nanorlhf import train_utils as tu
 from nanorlhf.errors import Interrupted, UserError, run_main
+from nanorlhf.evaluate import MAX_NEW_TOKENS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +43,7 @@ VARIANTS = {
 }
 # What the table reports: evaluate.py's results for the final policy, and the training wall time
 # (of the train_ppo.py process, startup included; a resumed run counts only the part after resuming).
-COLUMNS = ["rm_score", "gold", "kl_to_sft", "response_length", "wall_s"]
+COLUMNS = ["rm_score", "gold", "ended", "no_repeat", "kl_to_sft", "response_length", "wall_s"]
 CURVES = ["objective/scores", "objective/kl"]
 
 
@@ -131,9 +132,7 @@ def mean_curve(runs_rows):
                           if all(k in d[s] for d in by_step)}} for s in steps]
 
 
-def main():
-    argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      epilog="variants: " + ", ".join(VARIANTS))
     parser.add_argument("--sft", required=True, help="the SFT policy (a merged model dir)")
@@ -145,8 +144,15 @@ def main():
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names")
     parser.add_argument("--world", default=os.path.join(ROOT, "data", "demo", "world.json"),
                         help="the demo world, for the gold rubric")
-    parser.add_argument("--eval_max_new_tokens", type=int, default=48, help="answer length in evaluation")
-    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    parser.add_argument("--eval_max_new_tokens", type=int, default=MAX_NEW_TOKENS,
+                        help="room to end in evaluation (evaluate.py's default)")
+    return parser
+
+
+def main():
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:

@@ -77,15 +77,24 @@ def fit_context(tokenizer, messages, max_positions, max_new_tokens):
 
 
 def answer(model, tokenizer, prompt_ids, args, eos_ids, out=None):
-    """Stream the reply to the prompt to `out` (stdout); return its text."""
+    """Stream the reply to the prompt to `out` (stdout); return its text. An answer that reaches
+    --max_new_tokens without the end-of-turn token is marked as cut there."""
     out = out or sys.stdout
-    pieces = []
+    pieces, count = [], [0]
     tokens = stream_tokens(model, prompt_ids, args.max_new_tokens, eos_ids, args.temperature, args.top_k, args.top_p)
+
+    def counted(stream):
+        for token in stream:
+            count[0] += 1
+            yield token
+
     try:
-        for piece in stream_text(tokenizer, tokens):
+        for piece in stream_text(tokenizer, counted(tokens)):
             pieces.append(piece)
             out.write(piece)
             out.flush()
+        if count[0] == args.max_new_tokens:  # no end of turn came: the answer was cut, not finished
+            out.write(f" [cut: no end of turn within --max_new_tokens {args.max_new_tokens}]")
     except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
         out.write(" [stopped]")
     out.write("\n")

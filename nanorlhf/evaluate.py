@@ -4,10 +4,15 @@
         --rm runs/demo/rm-merged --data data/demo/test.jsonl --output_dir runs/demo/eval
 
 For each model: mean reward-model score (± its spread), the gold rubric of the demo world (an
-independent judge: RM score up but rubric down means reward hacking), response length,
-repetition (distinct-1/2), KL to the reference model (the first one named, unless --ref), and
-ROUGE-L against the references (character-level for Chinese). Writes predictions.jsonl,
-results.md, results.json and, with matplotlib installed, results.png.
+independent judge: RM score up but rubric down means reward hacking), the share of answers that
+ended (with the end-of-turn token, before --max_new_tokens), the share that repeat no sentence or
+4-gram (no_repeat), response length, distinct-1/2, KL to the reference model (the first one
+named, unless --ref), and ROUGE-L against the references (character-level for Chinese). Writes
+predictions.jsonl, results.md, results.json and, with matplotlib installed, results.png.
+
+Answers get room to end: --max_new_tokens defaults to 256, several times what a policy is trained
+to write. Cut at the training length, a policy that has learnt never to stop looks as good as one
+that answers and stops (the demo's first PPO model did exactly that).
 A model is a merged model dir or a LoRA adapter dir (its base read from adapter_config.json).
 """
 
@@ -24,8 +29,8 @@ from nanorlhf import train_utils as tu
 from nanorlhf.data import encode_prompt, prompt_messages, read_records
 from nanorlhf.errors import UserError, run_main
 from nanorlhf.lora import load_adapter, merge_lora
-from nanorlhf.rollout import generate, policy_logits, response_mask, reward_scores
-from nanorlhf.rubric import gold_score, load_world
+from nanorlhf.rollout import ended_with_eos, generate, policy_logits, response_mask, reward_scores
+from nanorlhf.rubric import gold_score, has_repeat, load_world
 from nanorlhf.template import stop_ids
 
 _WORD = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]+", re.UNICODE)  # one CJK character, or a word
@@ -82,7 +87,10 @@ def kl_to_reference(model, ref, query, query_mask, response, mask):
     return torch.where(mask > 0, per_token, 0.0).sum(1)
 
 
-def main():
+MAX_NEW_TOKENS = 256  # room to end: well beyond what the demo (and most PPO runs) train responses to
+
+
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="NAME=DIR, e.g. sft=runs/sft-merged ppo=runs/ppo")
     parser.add_argument("--data", default="data/demo/test.jsonl", help="held-out prompts (+ reference, condition)")
@@ -90,13 +98,18 @@ def main():
     parser.add_argument("--ref", default="", help="reference model for KL (default: the first model)")
     parser.add_argument("--world", default="data/demo/world.json", help="the demo world, for the gold rubric")
     parser.add_argument("--output_dir", default="", help="where predictions and the table go")
-    parser.add_argument("--max_new_tokens", type=int, default=48)
+    parser.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS,
+                        help="room to end; an answer still going at this length counts as not ended")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow the models' own code")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     device, dtype = tu.pick_device(args.device)
 
     named = []
@@ -123,7 +136,7 @@ def main():
             raise UserError(f"{path}: its tokenizer differs from {named[0][1]}'s; compare models of one pipeline")
         eos_ids = stop_ids(tok, model)  # the end of turn and the model's own EOS ids
         torch.manual_seed(args.seed)  # every model samples with the same seed
-        answers, scores, kls, lengths = [], [], [], []
+        answers, scores, kls, lengths, ended = [], [], [], [], []
         for i in range(0, len(prompts), args.batch_size):
             query, query_mask, response, _ = generate(model, prompts[i:i + args.batch_size], args.max_new_tokens,
                                                       eos_ids, tok.pad_token_id, args.temperature)
@@ -133,17 +146,22 @@ def main():
                     scores += reward_scores(reward_model, query, response, mask, query_mask).tolist()
                 kls += kl_to_reference(model, ref, query, query_mask, response, mask).tolist()
             lengths += mask.sum(1).tolist()
+            ended += ended_with_eos(response, eos_ids).tolist()
             for row, row_mask in zip(response, mask):
                 answers.append(tok.decode(row[row_mask > 0], skip_special_tokens=True).strip())
-        row = {"model": name, "n": len(answers), "response_length": statistics.mean(lengths),
-               f"kl_to_{ref_name}": statistics.mean(kls),
+        row = {"model": name, "n": len(answers), "ended": statistics.mean(ended),
+               "no_repeat": statistics.mean(not has_repeat(a) for a in answers),
+               "response_length": statistics.mean(lengths), f"kl_to_{ref_name}": statistics.mean(kls),
                "distinct_1": distinct_n(answers, 1), "distinct_2": distinct_n(answers, 2)}
+        if not all(ended):
+            tu.info(f"{name}: {len(ended) - sum(ended)} of {len(ended)} answers did not end within "
+                    f"--max_new_tokens {args.max_new_tokens}")
         if scores:
             row["rm_score"] = statistics.mean(scores)
             row["rm_score_sd"] = statistics.stdev(scores) if len(scores) > 1 else 0.0
         golds, rouges = [], []
         for j, ((_, rec), answer) in enumerate(zip(records, answers)):
-            pred = {"model": name, "prompt": rec.get("prompt", ""), "response": answer}
+            pred = {"model": name, "prompt": rec.get("prompt", ""), "response": answer, "ended": ended[j]}
             if scores:
                 pred["rm_score"] = scores[j]
             if world is not None and rec.get("condition"):
@@ -168,7 +186,7 @@ def main():
 
 def markdown_table(results):
     kl_column = next(k for k in results[0] if k.startswith("kl_to_"))
-    cols = [c for c in ("model", "rm_score", "gold", "response_length", kl_column,
+    cols = [c for c in ("model", "rm_score", "gold", "ended", "no_repeat", "response_length", kl_column,
                         "distinct_1", "distinct_2", "rouge_l") if c in results[0]]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
@@ -197,7 +215,7 @@ def write_outputs(out_dir, results, predictions, table):
             import matplotlib.pyplot as plt
         except ImportError:
             return
-        metrics = [m for m in ("rm_score", "gold", "rouge_l", "distinct_2") if m in results[0]]
+        metrics = [m for m in ("rm_score", "gold", "ended", "rouge_l", "distinct_2") if m in results[0]]
         fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3))
         for ax, metric in zip(axes if len(metrics) > 1 else [axes], metrics):
             ax.bar([r["model"] for r in results], [r[metric] for r in results],

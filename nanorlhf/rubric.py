@@ -54,7 +54,7 @@ def _has_all(text, condition, field, langs=("en", "zh")):
     return any(all(_mentions(text, kw) for kw in condition[f"{field}_{lang}"]) for lang in langs)
 
 
-def _has_repeat(text):
+def has_repeat(text):
     """True if a sentence, an English word 4-gram or a 4-gram of Chinese characters comes twice."""
     sentences = [s.strip().lower() for s in re.split(r"[.!?。！？\n]+", text) if s.strip()]
     words = re.findall(r"[a-z0-9']+", text.lower())
@@ -83,7 +83,7 @@ def gold_score(response, condition_id, world, lang=None):
         "advice": int(_has_all(response, condition, "advice_keywords", langs)),
         "doctor": int(_has_all(response, condition, "doctor_keywords", langs)),
         "no_wrong": int(not any(_mentions(response, n) for c in others for n in _names(c))),
-        "no_repeat": int(not _has_repeat(response)),
+        "no_repeat": int(not has_repeat(response)),
     }
     score["total"] = sum(score[k] for k in COMPONENTS) / len(COMPONENTS)
     return score

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from nanorlhf import chat
 from nanorlhf.chat import stream_text, stream_tokens
 from nanorlhf.data import encode_prompt
-from nanorlhf.rollout import generate, response_mask
+from nanorlhf.rollout import ended_with_eos, generate, response_mask
 
 # A question the 8-step fixture model answers with tokens, not with EOS at once (its greedy answer
 # to "I have a headache and a fever." is empty, which would make the comparisons below vacuous).
@@ -19,13 +19,31 @@ QUESTION = "What could cause a runny nose?"
 
 
 def greedy_answer(model_dir, question, max_new_tokens):
-    """The reference: rollout.generate's greedy answer, decoded as a whole."""
+    """The reference: rollout.generate's greedy answer, decoded as a whole, as chat prints it (marked
+    when it reached max_new_tokens without the end-of-turn token)."""
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     prompt = encode_prompt(tok, [{"role": "user", "content": question}])
     _, _, response, _ = generate(model, [prompt], max_new_tokens, [tok.eos_token_id], tok.pad_token_id, 0.0)
     mask = response_mask(response, [tok.eos_token_id], tok.pad_token_id)
-    return tok.decode(response[0][mask[0] > 0], skip_special_tokens=True).strip()
+    text = tok.decode(response[0][mask[0] > 0], skip_special_tokens=True).strip()
+    if not ended_with_eos(response, [tok.eos_token_id])[0]:
+        text += f" [cut: no end of turn within --max_new_tokens {max_new_tokens}]"
+    return text
+
+
+def test_an_answer_cut_at_the_limit_is_marked_and_an_ended_one_is_not(tiny_model_dir, monkeypatch):
+    import io
+    import types
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = encode_prompt(tok, [{"role": "user", "content": QUESTION}])
+    args = types.SimpleNamespace(max_new_tokens=3, temperature=0.0, top_k=0, top_p=1.0)
+    for tokens, marked in (([5, 6, 7], True), ([5, 6], False)):  # 3 tokens: the limit; 2: an end of turn came
+        monkeypatch.setattr(chat, "stream_tokens", lambda *a, tokens=tokens, **k: iter(tokens))
+        out = io.StringIO()
+        chat.answer(None, tok, prompt, args, {tok.eos_token_id}, out)
+        assert out.getvalue().endswith(" [cut: no end of turn within --max_new_tokens 3]\n") == marked
 
 
 def test_stream_text_never_prints_half_a_character(tiny_model_dir):
