@@ -23,7 +23,8 @@ demo: install
 ablate: install
 	OMP_NUM_THREADS=1 $(PYTHON) -m nanorlhf.ablate --sft $(DEMO)/sft-merged --rm $(DEMO)/rm-merged \
 	    --data data/demo/ppo.jsonl --eval_data data/demo/test.jsonl --output_dir runs/ablate --seeds 1 \
-	    -- --num_updates 10 --batch_size 16 --learning_rate 3e-4 --logging_steps 1
+	    -- --num_updates 10 --batch_size 16 --learning_rate 3e-4 --logging_steps 1 --response_length 96 \
+	    --missing_eos_penalty 5
 
 test: install-dev
 	$(PYTHON) -m pytest -q tests
