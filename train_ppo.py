@@ -10,9 +10,11 @@ One PPO iteration, as in InstructGPT (Ouyang et al. 2022) and TRL's PPOTrainer:
   5. rewards   -kl_coef * KL on every token, + the score on the last token   (shape_rewards)
   6. GAE       advantages and returns from rewards and values                 (compute_gae)
   7. update    a few epochs over shuffled minibatches of the clipped policy and value losses
-Memory plan (one GPU): the policy is the SFT model + LoRA and the reference is the same weights
-with the adapters off; the critic is the reward model's backbone + its own LoRA and a value head,
-and the reward is the same weights with the adapters off. Two base models instead of four.
+Memory plan (one GPU): with --rm a LoRA reward adapter trained on the SFT model, ONE frozen base
+serves all four roles, each with its own adapter (policy, reward, critic) or none (reference).
+With a merged reward model: the policy is the SFT model + LoRA and the reference the same weights
+with the adapters off; the critic is the RM's backbone + its own LoRA and a value head, and the
+reward the same weights with the adapters off. One or two base models instead of four.
 Every choice a researcher ablates is a flag with the usual value as default; defaults follow
 TRL's PPOConfig and Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO".
 """
@@ -28,10 +30,9 @@ from nanorlhf import ppo
 from nanorlhf import train_utils as tu
 from nanorlhf.data import encode_prompt, prompt_messages, read_records
 from nanorlhf.errors import UserError, run_main
-from nanorlhf.lora import disable_adapters
 from nanorlhf.template import stop_ids
-from nanorlhf.ppo_setup import (PolicyAndValue, build_models, check_same_tokenizer, load_ppo_checkpoint,
-                                save_ppo_checkpoint)
+from nanorlhf.ppo_setup import (PolicyAndValue, base_copies, build_models, check_same_tokenizer, is_adapter_dir,
+                                load_ppo_checkpoint, save_ppo_checkpoint)
 from nanorlhf.rollout import (critic_values, ended_with_eos, generate, logprobs_of, response_mask, reward_scores,
                               trim_padding)
 
@@ -40,7 +41,8 @@ from nanorlhf.rollout import (critic_values, ended_with_eos, generate, logprobs_
 class Args(tu.BaseArgs):
     """PPO on a policy (--sft) and a reward model (--rm)."""
     sft: str = dataclasses.field(default="", metadata={"help": "the SFT policy (a merged model dir)"})
-    rm: str = dataclasses.field(default="", metadata={"help": "the reward model (a merged RM dir)"})
+    rm: str = dataclasses.field(default="", metadata={"help": "the reward model: a merged RM dir, or train_rm.py's "
+                                                      "LoRA adapter on --sft (then one base serves all roles)"})
     learning_rate: float = dataclasses.field(default=1e-4, metadata={"help": "AdamW lr (policy and critic)"})
     warmup_ratio: float = dataclasses.field(default=0.0, metadata={"help": "linear warmup fraction"})
     max_length: int = dataclasses.field(default=256, metadata={"help": "longest prompt in tokens"})
@@ -115,15 +117,16 @@ def main():
 
     # ---- tokenizers must agree: the reward model reads the policy's token ids
     tu.check_model_dir(args.sft, "--sft")
-    tu.check_model_dir(args.rm, "--rm")
+    if not is_adapter_dir(args.rm):  # an RM adapter (train_rm.py's LoRA output) has no config.json
+        tu.check_model_dir(args.rm, "--rm")
     tokenizer = tu.load_tokenizer(args.sft, args.trust_remote_code)
     check_same_tokenizer(tokenizer, tu.load_tokenizer(args.rm, args.trust_remote_code), args.sft, args.rm)
     prompts = load_prompts(tokenizer, args.data, args.max_length)
 
-    # ---- models: policy (+ reference), critic (+ reward); see build_models for the memory plan
+    # ---- models: policy, reference, reward, critic; see build_models for the memory plan
     use_critic = args.advantage_estimator == "gae"
     m = build_models(args, device, dtype, use_critic, tokenizer)
-    policy, ref_policy, critic, v_head, reward_model = m.policy, m.ref_policy, m.critic, m.v_head, m.reward_model
+    policy = m.policy
     eos_ids = stop_ids(tokenizer, policy)  # a response ends at the end-of-turn token or any of the model's EOS
     if world.enabled:  # the models are built alike on every rank; from here each rank samples its own responses
         tu.set_seed(args.seed + world.rank)
@@ -134,9 +137,7 @@ def main():
     tu.prepare_output_dir(args.output_dir, args.resume, args.overwrite_output_dir)
 
     # ---- optimiser over everything trained: policy LoRA, critic LoRA, value head
-    params = [p for p in policy.parameters() if p.requires_grad]
-    if use_critic:
-        params += [p for p in critic.parameters() if p.requires_grad] + list(v_head.parameters())
+    params = m.trainable()
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5)
     k = args.num_samples_per_prompt
     n_prompts = max(1, args.batch_size // k)  # each iteration: n_prompts prompts x k samples
@@ -163,9 +164,12 @@ def main():
                         f"--num_mini_batches {args.num_mini_batches}"
                         + (f" x {world.size} processes" if world.enabled else ""))
     # What is trained, as one module: under torchrun one DDP wrapper syncs the policy's and the critic's gradients
-    policy_and_value = dist.wrap(PolicyAndValue(policy, critic, v_head, args.temperature), world)
+    policy_and_value = dist.wrap(PolicyAndValue(m, args.temperature), world)
     tu.info(f"{len(prompts)} prompts; {updates} PPO iterations of {n_prompts} prompts x {k}; "
             f"policy: {tu.describe(policy)}")
+    copies = base_copies(m)
+    tu.info(f"memory plan: {m.plan} ({copies} cop{'y' if copies == 1 else 'ies'} of the base weights, "
+            f"{dtype} frozen weights)")
     tu.info(f"responses end at {', '.join(repr(tokenizer.convert_ids_to_tokens(i)) for i in eos_ids)}")
 
     ctrl_c = tu.CtrlC()  # Ctrl-C: finish this iteration, save a checkpoint, stop
@@ -178,30 +182,33 @@ def main():
             batch_prompts = [prompts[i] for i in idx for _ in range(k)]  # prompt-major groups of k
 
             # ---- 1. rollout (no gradients; dropout is off everywhere, see build_models)
-            query, query_mask, response, rollout_logprobs = generate(
-                policy, batch_prompts, args.response_length, eos_ids, tokenizer.pad_token_id,
-                args.temperature, args.top_k, args.top_p)
+            with m.role("policy") as policy:
+                query, query_mask, response, rollout_logprobs = generate(
+                    policy, batch_prompts, args.response_length, eos_ids, tokenizer.pad_token_id,
+                    args.temperature, args.top_k, args.top_p)
             mask = response_mask(response, eos_ids, tokenizer.pad_token_id)
             t_rollout = time.time()
             with torch.no_grad():
                 # ---- 2. score once per sequence; a response that never ended is penalised
-                with disable_adapters(reward_model):  # the reward is the critic's base, adapters off
-                    scores = reward_scores(reward_model, query, response, mask, query_mask)
+                with m.role("reward") as reward_model:  # see build_models: a shared base, in the reward's state
+                    scores = reward_scores(reward_model, query, response, mask, query_mask, m.reward_head)
                 ended = ended_with_eos(response, eos_ids)
                 if args.missing_eos_penalty:
                     scores = torch.where(ended, scores, scores - args.missing_eos_penalty)
                 if args.reward_clip > 0:
                     scores = scores.clamp(-args.reward_clip, args.reward_clip)
                 tu.check_finite(scores.mean().item(), update + 1, "the reward model's score")
-                # ---- 3. reference log-probs: the same weights with the adapters off
-                with disable_adapters(policy) if ref_policy is None else torch.no_grad():
-                    ref_logprobs = logprobs_of(ref_policy or policy, query, response, mask, query_mask,
-                                               args.temperature)
-                old_logprobs = (logprobs_of(policy, query, response, mask, query_mask, args.temperature)
-                                if args.recompute_old_logprobs else rollout_logprobs)
+                # ---- 3. reference log-probs: with LoRA, the same weights with the adapters off
+                with m.role("reference") as ref_policy:
+                    ref_logprobs = logprobs_of(ref_policy, query, response, mask, query_mask, args.temperature)
+                with m.role("policy") as policy:
+                    old_logprobs = (logprobs_of(policy, query, response, mask, query_mask, args.temperature)
+                                    if args.recompute_old_logprobs else rollout_logprobs)
                 # ---- 4. values before each token
-                values = (critic_values(critic, v_head, query, response, mask, query_mask) if use_critic
-                          else torch.zeros_like(old_logprobs))
+                values = torch.zeros_like(old_logprobs)
+                if use_critic:
+                    with m.role("critic") as critic:
+                        values = critic_values(critic, m.v_head, query, response, mask, query_mask)
                 # ---- 5. KL-shaped token rewards
                 rewards = ppo.shape_rewards(scores, old_logprobs, ref_logprobs, mask, kl_ctl.value, args.kl_estimator)
                 if args.whiten_rewards:

@@ -38,32 +38,48 @@ PLAIN_LORA = {
 
 
 class LoRALinear(nn.Module):
-    """y = base_layer(x) + (alpha / r) * lora_B(lora_A(dropout(x))), with base_layer frozen."""
+    """y = base_layer(x) + (alpha / r) * lora_B[a](lora_A[a](dropout(x))), base_layer frozen.
 
-    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+    A layer holds several named adapters (PEFT's multi-adapter idea) and applies the active one,
+    `a`: PPO keeps ONE frozen base and switches between the policy's, the reward model's and the
+    critic's adapters on it. A single-adapter model has just "default". The adapters are float32
+    even over a bf16/fp16 base (as PEFT does): their updates and optimizer state stay precise while
+    the frozen weights take half the memory.
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0, adapter="default"):
         super().__init__()
         self.base_layer = base_layer.requires_grad_(False)
-        # The adapter lives where the weight lives, in its dtype.
-        where = dict(bias=False, device=base_layer.weight.device, dtype=base_layer.weight.dtype)
-        self.lora_A = nn.Linear(base_layer.in_features, r, **where)
-        self.lora_B = nn.Linear(r, base_layer.out_features, **where)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.lora_A, self.lora_B, self.lora_dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        self.r, self.alpha, self.scaling = {}, {}, {}
+        self.active = adapter  # the adapter forward applies
         self.disabled = False  # True: behave exactly like the base layer (see disable_adapters)
+        self.add_adapter(adapter, r, alpha, dropout)
+
+    def add_adapter(self, name, r, alpha, dropout=0.0):
+        dtype = self.base_layer.weight.dtype
+        where = dict(bias=False, device=self.base_layer.weight.device,
+                     dtype=torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype)
+        self.lora_A[name] = nn.Linear(self.base_layer.in_features, r, **where)
+        self.lora_B[name] = nn.Linear(r, self.base_layer.out_features, **where)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r[name], self.alpha[name], self.scaling[name] = r, alpha, alpha / r
         # A random and B zero makes B A = 0 at the start; PEFT uses the same kaiming init for A.
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)
 
     def forward(self, x):
         y = self.base_layer(x)
-        if self.disabled:
+        if self.disabled or self.active not in self.lora_A:  # adapters may wrap different layers
             return y
+        A, B = self.lora_A[self.active], self.lora_B[self.active]
         # Scaling the r-wide activations instead of the out-wide result: the same sum, and one
         # elementwise pass over r (8-64) columns instead of out (thousands), forward and backward.
-        return y + self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)
+        h = A(self.lora_dropout[self.active](x).to(A.weight.dtype)) * self.scaling[self.active]
+        return y + B(h).to(y.dtype)
 
     def extra_repr(self):
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
+        return ", ".join(f"{n}: r={self.r[n]}, alpha={self.alpha[n]}" for n in self.r) + f"; active={self.active}"
 
 
 def _matches(name, suffixes):
@@ -80,66 +96,107 @@ def _replace(model, name, new_module):
     setattr(model.get_submodule(parent_name), child, new_module)
 
 
-def add_lora(model, r=8, alpha=16, dropout=0.0, targets="all", exclude=()):
+def add_lora(model, r=8, alpha=16, dropout=0.0, targets="all", exclude=(), adapter="default"):
     """Wrap the matching nn.Linear layers of `model` in LoRALinear, in place, and freeze the rest.
 
     targets: "all" (every nn.Linear but the output heads lm_head/score/v_head), or module-name
     suffixes as a list or a comma-separated string ("q_proj,v_proj"). exclude: names never wrapped.
     Every non-LoRA parameter is frozen afterwards; unfreeze a head yourself if you train it.
+    On a model that has LoRA layers already, adds another named `adapter` (to the layers it targets;
+    a layer without the active adapter computes its base alone) and makes it the active one; the
+    other adapters keep their trainable flags.
     """
-    if _lora_layers(model):
-        raise ValueError("add_lora: the model already has LoRA layers (merge_lora them first)")
+    configs = getattr(model, "lora_configs", {})
+    if adapter in configs:
+        raise ValueError(f"add_lora: the model already has an adapter named {adapter!r}")
     if isinstance(targets, str) and targets != "all":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     exclude = list(exclude or [])
+    existing = _lora_layers(model)
     names = [
         name for name, module in model.named_modules()
-        if name and isinstance(module, nn.Linear) and not _matches(name, exclude)
+        if name and isinstance(module, (nn.Linear, LoRALinear)) and ".base_layer" not in name + "."
+        and ".lora_" not in name and not _matches(name, exclude)
         and (not _matches(name, OUTPUT_HEADS) if targets == "all" else _matches(name, targets))
     ]
     if not names:
         linear = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"add_lora: targets {targets!r} match no nn.Linear layer of {type(model).__name__}; "
                          f"its linear layers are named: {', '.join(linear) or 'none'}")
+    if not existing:
+        model.requires_grad_(False)
     for name in names:
-        _replace(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout))
-    model.requires_grad_(False)
+        module = model.get_submodule(name)
+        if isinstance(module, LoRALinear):
+            module.add_adapter(adapter, r, alpha, dropout)
+        else:
+            _replace(model, name, LoRALinear(module, r, alpha, dropout, adapter))
     for _, layer in _lora_layers(model):
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
+        layer.active = adapter
+        if adapter in layer.lora_A:
+            layer.lora_A[adapter].requires_grad_(True)
+            layer.lora_B[adapter].requires_grad_(True)
     # What PEFT's target_modules must list to wrap the same layers: the names given, or for "all"
     # the last part of each wrapped path (exclusions are written too, as PEFT's exclude_modules).
     if targets == "all":
         matched = sorted({n.rpartition(".")[2] for n in names})
     else:
         matched = [t for t in targets if any(_matches(n, [t]) for n in names)]
-    model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, targets=matched, exclude=exclude)
+    model.lora_configs = {**configs, adapter: dict(r=r, alpha=alpha, dropout=dropout, targets=matched,
+                                                   exclude=exclude)}
     return model
 
 
-def merge_lora(model):
-    """Fold every adapter into its weight (W <- W + (alpha/r) B A) and put the plain nn.Linear back.
+def merge_lora(model, adapter=None):
+    """Fold one adapter (the active one by default) into its weight (W <- W + (alpha/r) B A) and put
+    the plain nn.Linear back; the model's other adapters are dropped.
 
     Afterwards the model is an ordinary transformers model (save_pretrained writes the usual keys).
     The merged weights stay frozen, as they were under LoRA.
     """
     for name, layer in _lora_layers(model):
+        a = adapter or layer.active
         base = layer.base_layer
-        with torch.no_grad():  # B A in fp32, rounded once to the weight's dtype (bf16 on a GPU)
-            delta = layer.lora_B.weight.float() @ layer.lora_A.weight.float()
-            base.weight += (layer.scaling * delta).to(base.weight.dtype)
+        if a in layer.lora_A:
+            with torch.no_grad():  # B A in fp32, rounded once to the weight's dtype (bf16 on a GPU)
+                delta = layer.lora_B[a].weight.float() @ layer.lora_A[a].weight.float()
+                base.weight += (layer.scaling[a] * delta).to(base.weight.dtype)
         _replace(model, name, base)
-    if hasattr(model, "lora_config"):
-        del model.lora_config
+    if hasattr(model, "lora_configs"):
+        del model.lora_configs
     return model
 
 
-def lora_state_dict(model):
-    """The LoRA A and B weights only, under the same keys as in model.state_dict()."""
+def active_adapter(model):
+    """The name of the adapter the model's LoRA layers apply (None without LoRA)."""
+    layers = _lora_layers(model)
+    return layers[0][1].active if layers else None
+
+
+@contextlib.contextmanager
+def use_adapter(model, adapter):
+    """Inside this block the model's LoRA layers apply `adapter` (e.g. PPO's "reward" on the shared base)."""
+    layers = [layer for _, layer in _lora_layers(model)]
+    previous = [layer.active for layer in layers]
+    for layer in layers:
+        layer.active = adapter
+    try:
+        yield model
+    finally:
+        for layer, name in zip(layers, previous):
+            layer.active = name
+
+
+def lora_state_dict(model, adapter=None):
+    """One adapter's A and B weights (the active one by default), under PEFT's saved key names
+    ("<layer>.lora_A.weight": the adapter's name is not in the key, as in PEFT's files)."""
     state = {}
     for name, layer in _lora_layers(model):
-        state[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach()
-        state[f"{name}.lora_B.weight"] = layer.lora_B.weight.detach()
+        a = adapter or layer.active
+        if a not in layer.lora_A:
+            continue
+        state[f"{name}.lora_A.weight"] = layer.lora_A[a].weight.detach()
+        state[f"{name}.lora_B.weight"] = layer.lora_B[a].weight.detach()
     return state
 
 
@@ -159,24 +216,29 @@ def _write_atomic(path, write):
     os.replace(tmp, path)
 
 
-def save_adapter(model, out_dir, base_model_name_or_path="", task_type="CAUSAL_LM", modules_to_save=None):
-    """Write the adapter as PEFT does, so `peft.PeftModel.from_pretrained(base, out_dir)` loads it.
+def save_adapter(model, out_dir, base_model_name_or_path="", task_type="CAUSAL_LM", modules_to_save=None,
+                 adapter=None, extra_tensors=None):
+    """Write one adapter (the active one by default) as PEFT does, so
+    `peft.PeftModel.from_pretrained(base, out_dir)` loads it.
 
     modules_to_save: plain modules trained whole and saved with the adapter (["score"] for a reward
     model's head); PEFT stores them under "base_model.model.<path>.<param>", like the base model.
     Defaults to the ones an adapter was loaded with; for task_type "SEQ_CLS" the head is always saved.
+    extra_tensors: {key: tensor} written under "base_model.model.<key>" too (a head that lives
+    outside the model, such as the reward head of PPO's shared base).
     """
-    config = getattr(model, "lora_config", None)
+    adapter = adapter or active_adapter(model)
+    config = getattr(model, "lora_configs", {}).get(adapter)
     if config is None:
-        raise ValueError("save_adapter: the model has no LoRA layers (call add_lora first)")
+        raise ValueError(f"save_adapter: the model has no LoRA adapter {adapter!r} (call add_lora first)")
     modules_to_save = list(config.get("modules_to_save", []) if modules_to_save is None else modules_to_save)
     if task_type == "SEQ_CLS":  # PEFT always restores a classifier's head, and fails if the file lacks it
         modules_to_save += [n for n in ("classifier", "score")
                             if n not in modules_to_save and _modules_state_dict(model, [n])]
-    tensors = lora_state_dict(model)
+    tensors = {**lora_state_dict(model, adapter), **(extra_tensors or {})}
     for name in modules_to_save:
         module_state = _modules_state_dict(model, [name])
-        if not module_state:
+        if not module_state and not any(_matches(k.rpartition(".")[0], [name]) for k in extra_tensors or {}):
             raise ValueError(f"save_adapter: modules_to_save names {name!r}, which is no module of the model")
         tensors.update(module_state)
     tensors = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -197,11 +259,14 @@ def save_adapter(model, out_dir, base_model_name_or_path="", task_type="CAUSAL_L
                   lambda path: Path(path).write_text(text, encoding="utf-8"))
 
 
-def load_adapter(model, adapter_dir):
-    """Load a PEFT LoRA adapter (ours or PEFT's own) into `model`, in place; returns the model.
+def load_adapter(model, adapter_dir, adapter="default"):
+    """Load a PEFT LoRA adapter (ours or PEFT's own) into `model` as `adapter`, in place, and make it
+    the active one; returns the model.
 
-    Adds the LoRA layers first if the model has none. Reads only JSON and safetensors. Strict:
-    a weight the model needs that the file lacks, or one the model has no place for, is an error.
+    Adds the LoRA layers (or this adapter to the existing ones) first if needed. Reads only JSON and
+    safetensors. Strict: a weight the model needs that the file lacks, or one the model has no place
+    for, is an error; a modules_to_save module the model does not have (a reward model's "score"
+    loaded on a causal LM) is left for the caller (read_adapter_tensors).
     """
     config_path = os.path.join(adapter_dir, "adapter_config.json")
     weights_path = os.path.join(adapter_dir, "adapter_model.safetensors")
@@ -218,8 +283,10 @@ def load_adapter(model, adapter_dir):
             raise ValueError(f"{adapter_dir}: adapter_config.json has {field}={config[field]!r}; nanorlhf "
                              f"loads plain LoRA adapters ({field}={value!r})")
     # PEFT's SEQ_CLS adds "classifier" and "score" for any model: keep the names this model has.
-    modules_to_save = [n for n in config.get("modules_to_save") or [] if _modules_state_dict(model, [n])]
-    if not hasattr(model, "lora_config"):
+    listed = config.get("modules_to_save") or []
+    modules_to_save = [n for n in listed if _modules_state_dict(model, [n])]
+    configs = getattr(model, "lora_configs", {})
+    if adapter not in configs:
         targets = config["target_modules"]
         if targets == "all-linear":
             targets = "all"
@@ -227,16 +294,23 @@ def load_adapter(model, adapter_dir):
         if isinstance(targets, str) or isinstance(exclude, str):
             raise ValueError(f"{adapter_dir}: target_modules or exclude_modules as a regex is not supported")
         exclude = exclude + modules_to_save  # PEFT never puts LoRA inside a module it saves whole
-        add_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                 targets=targets, exclude=exclude)
-    elif (model.lora_config["r"], model.lora_config["alpha"]) != (config["r"], config["lora_alpha"]):
-        ours = model.lora_config
+        try:
+            add_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                     targets=targets, exclude=exclude, adapter=adapter)
+        except ValueError as e:
+            raise ValueError(f"{adapter_dir}: {e}") from None
+    elif (configs[adapter]["r"], configs[adapter]["alpha"]) != (config["r"], config["lora_alpha"]):
+        ours = configs[adapter]
         raise ValueError(f"{adapter_dir}: adapter has r={config['r']}, lora_alpha={config['lora_alpha']}, "
                          f"the model's LoRA has r={ours['r']}, alpha={ours['alpha']}")
-    model.lora_config["modules_to_save"] = modules_to_save
+    model.lora_configs[adapter]["modules_to_save"] = modules_to_save
+    for _, layer in _lora_layers(model):
+        layer.active = adapter
 
     saved = load_file(weights_path)
-    expected = {PEFT_PREFIX + k: v for k, v in lora_state_dict(model).items()}
+    left_out = [n for n in listed if n not in modules_to_save]  # heads the model has no place for
+    saved = {k: v for k, v in saved.items() if not _matches(k[len(PEFT_PREFIX):].rpartition(".")[0], left_out)}
+    expected = {PEFT_PREFIX + k: v for k, v in lora_state_dict(model, adapter).items()}
     expected.update({PEFT_PREFIX + k: v for k, v in _modules_state_dict(model, modules_to_save).items()})
     missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
     if missing:
@@ -252,6 +326,13 @@ def load_adapter(model, adapter_dir):
                                  f"the model expects {tuple(target.shape)}")
             target.copy_(saved[key])  # copy_ converts to the model's dtype and device
     return model
+
+
+def read_adapter_tensors(adapter_dir, names):
+    """{name.param: tensor} of the modules_to_save weights `names` (e.g. ["score"]) in an adapter file."""
+    saved = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    return {k[len(PEFT_PREFIX):]: v for k, v in saved.items()
+            if k.startswith(PEFT_PREFIX) and _matches(k[len(PEFT_PREFIX):].rpartition(".")[0], names)}
 
 
 @contextlib.contextmanager

@@ -59,18 +59,21 @@ def backbone(model):
     return getattr(model, model.base_model_prefix)
 
 
-def score(model, input_ids, attention_mask, position_ids=None):
+def score(model, input_ids, attention_mask, position_ids=None, head=None):
     """Reward of each sequence: [B, T] ids and mask -> [B] float32 scores. The one scorer: the RM
     stage, PPO's reward and evaluate all read the reward model through it.
 
     Runs the backbone, takes the hidden state at the last real token and applies the head,
     then adds the bias --normalize_scores stored in the config (0 when there is none).
     position_ids: for left-padded rows (PPO's query + response), positions that count real tokens.
+    head: a float32 score head with the offset as its bias (PPO's), instead of model.score + the config's.
     """
     hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
                              position_ids=position_ids).last_hidden_state  # [B, T, d]
     rows = torch.arange(hidden.size(0), device=hidden.device)
     last = hidden[rows, last_token_index(attention_mask)]  # [B, d]
+    if head is not None:
+        return head(last.to(head.weight.dtype)).squeeze(-1).float()
     return model.score(last).squeeze(-1).float() + getattr(model.config, SCORE_BIAS, 0.0)
 
 

@@ -129,13 +129,13 @@ def critic_values(seq_model, v_head, query, response, mask, query_mask):
     hidden = backbone(seq_model)(input_ids=input_ids, attention_mask=attention_mask,
                                  position_ids=position_ids).last_hidden_state  # [B, P+R, d]
     P = query.size(1)
-    return v_head(hidden[:, P - 1:-1]).squeeze(-1).float()
+    return v_head(hidden[:, P - 1:-1].to(v_head.weight.dtype)).squeeze(-1).float()
 
 
-def reward_scores(seq_model, query, response, mask, query_mask):
+def reward_scores(seq_model, query, response, mask, query_mask, head=None):
     """The reward model's score [B] of each query + response, read at its last real token (rm.score)."""
     input_ids, attention_mask, position_ids = concat(query, response, mask, query_mask)
-    return score(seq_model, input_ids, attention_mask, position_ids)
+    return score(seq_model, input_ids, attention_mask, position_ids, head)
 
 
 def logprobs_of(model, query, response, mask, query_mask, temperature=1.0):

@@ -184,7 +184,7 @@ def fit_model(model, tokenizer):
     import torch
 
     rows = model.get_input_embeddings().weight.size(0)
-    if len(tokenizer) > rows:
+    if tokenizer.pad_token_id >= rows:  # the <pad> prepare_tokenizer added
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         with torch.no_grad():
             model.get_input_embeddings().weight[rows:] = 0

@@ -52,7 +52,10 @@ class BaseArgs:
     save_total_limit: int = dataclasses.field(default=2, metadata={"help": "checkpoints kept (0 = all)"})
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue from the newest checkpoint"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    dtype: str = dataclasses.field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
+    dtype: str = dataclasses.field(default="auto", metadata={
+        "help": "weights: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16; with LoRA only the frozen base "
+                "takes it, adapters and heads stay fp32", "choices": ["auto", "fp32", "bf16", "fp16", "float32",
+                                                                       "bfloat16", "float16"]})
     trust_remote_code: bool = dataclasses.field(default=False, metadata={"help": "allow a model's own code"})
     report_to: str = dataclasses.field(default="none", metadata={
         "help": "also log to: none | tensorboard (output_dir/tensorboard)", "choices": ["none", "tensorboard"]})
@@ -155,8 +158,14 @@ def pick_device(device="auto", dtype="auto"):
         else:
             dtype = torch.float32
     else:
-        dtype = getattr(torch, dtype)
+        dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype))
     return device, dtype
+
+
+def cpu_has_bf16():
+    """Does this CPU multiply bf16 natively (AVX512-BF16 or AMX)? Then a bf16 frozen base is ~2x faster."""
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def set_seed(seed):

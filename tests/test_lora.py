@@ -15,8 +15,8 @@ from torch import nn
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, Qwen2Config,
                           Qwen2ForCausalLM, Qwen2ForSequenceClassification)
 
-from nanorlhf.lora import (LoRALinear, add_lora, count_parameters, disable_adapters, load_adapter,
-                           lora_state_dict, merge_lora, save_adapter)
+from nanorlhf.lora import (LoRALinear, active_adapter, add_lora, count_parameters, disable_adapters, load_adapter,
+                           lora_state_dict, merge_lora, read_adapter_tensors, save_adapter, use_adapter)
 
 peft = pytest.importorskip("peft")
 # peft 0.21 calls a transformers 5 method that is deprecated; not ours to fix.
@@ -51,7 +51,8 @@ def randomise_lora_B(model, seed=2):
     torch.manual_seed(seed)
     for module in model.modules():
         if isinstance(module, LoRALinear):
-            nn.init.normal_(module.lora_B.weight, std=0.1)
+            for B in module.lora_B.values():
+                nn.init.normal_(B.weight, std=0.1)
     return model
 
 
@@ -77,19 +78,40 @@ def test_lora_linear_output_is_Wx_plus_alpha_over_r_BAx():
     torch.manual_seed(0)
     linear = nn.Linear(6, 5)
     layer = LoRALinear(linear, r=2, alpha=6)
-    nn.init.normal_(layer.lora_B.weight)
+    nn.init.normal_(layer.lora_B["default"].weight)
     x = torch.randn(3, 6)
     W, b = linear.weight, linear.bias
-    A, B = layer.lora_A.weight, layer.lora_B.weight
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     expected = x @ W.T + b + (6 / 2) * (x @ A.T @ B.T)
-    assert layer.scaling == 3.0
+    assert layer.scaling["default"] == 3.0
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-6)
 
 
-def test_lora_weights_are_created_in_the_base_layer_dtype():
+def test_lora_weights_are_float32_over_a_bf16_base_and_the_output_keeps_the_base_dtype():
     layer = LoRALinear(nn.Linear(4, 4, dtype=torch.bfloat16), r=2, alpha=4)
-    assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.bfloat16
-    assert torch.count_nonzero(layer.lora_B.weight) == 0 and torch.count_nonzero(layer.lora_A.weight) > 0
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert A.dtype == B.dtype == torch.float32  # as PEFT: precise updates over half-size frozen weights
+    assert torch.count_nonzero(B) == 0 and torch.count_nonzero(A) > 0
+    assert layer(torch.randn(3, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_several_adapters_share_the_layers_and_the_active_one_is_applied():
+    base = causal_lm()
+    base_logits = logits(base)
+    model = randomise_lora_B(add_lora(base, r=4, alpha=8, adapter="policy"), seed=2)
+    policy_logits = logits(model)
+    add_lora(model, r=2, alpha=2, adapter="critic")  # B = 0: the identity, and now the active one
+    assert set(model.lora_configs) == {"policy", "critic"}
+    assert torch.equal(logits(model), base_logits)
+    with use_adapter(model, "policy"):
+        assert torch.equal(logits(model), policy_logits)
+    assert active_adapter(model) == "critic"
+    with pytest.raises(ValueError, match="already has an adapter named 'policy'"):
+        add_lora(model, adapter="policy")
+    add_lora(model, targets="q_proj", adapter="third")  # on fewer layers: the others compute their base alone
+    with use_adapter(model, "third"), disable_adapters(model):
+        assert torch.equal(logits(model), base_logits)
+    assert torch.equal(logits(model), base_logits)  # "third" is active, and its B is 0
 
 
 # --- add_lora ------------------------------------------------------------------------------------
@@ -97,8 +119,8 @@ def test_lora_weights_are_created_in_the_base_layer_dtype():
 def test_add_lora_freezes_everything_but_lora_weights():
     model = add_lora(causal_lm(), r=4, alpha=8)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable == set(lora_state_dict(model))
-    assert all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert {n.replace(".default.", ".") for n in trainable} == set(lora_state_dict(model))
+    assert all(".lora_A.default." in n or ".lora_B.default." in n for n in trainable)
     # 2 layers x 7 linears, each A [4, in] + B [out, 4]
     in_out = [(32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)]
     expected = 2 * sum(4 * i + o * 4 for i, o in in_out)
@@ -111,8 +133,8 @@ def test_add_lora_all_wraps_every_linear_but_lm_head():
     wrapped = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     assert len(wrapped) == 2 * 7
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, LoRALinear)
-    assert model.lora_config["targets"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
-                                            "up_proj", "v_proj"]
+    assert model.lora_configs["default"]["targets"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
+                                                        "up_proj", "v_proj"]
 
 
 def test_add_lora_all_skips_the_reward_head_and_exclude_list():
@@ -126,7 +148,8 @@ def test_add_lora_takes_comma_separated_targets():
     model = add_lora(causal_lm(), r=2, alpha=4, dropout=0.1, targets="q_proj, v_proj")
     wrapped = sorted(name for name, m in model.named_modules() if isinstance(m, LoRALinear))
     assert wrapped == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
-    assert model.lora_config == dict(r=2, alpha=4, dropout=0.1, targets=["q_proj", "v_proj"], exclude=[])
+    assert model.lora_configs == {"default": dict(r=2, alpha=4, dropout=0.1, targets=["q_proj", "v_proj"],
+                                                  exclude=[])}
 
 
 def test_add_lora_with_targets_matching_nothing_raises():
@@ -140,7 +163,7 @@ def test_merge_lora_puts_plain_linear_layers_back_with_the_same_logits():
     model = randomise_lora_B(add_lora(causal_lm(), r=4, alpha=8))
     expected = logits(model)
     merged = merge_lora(model)
-    assert merged is model and not hasattr(merged, "lora_config")
+    assert merged is model and not hasattr(merged, "lora_configs")
     assert not any(isinstance(m, LoRALinear) for m in merged.modules())
     assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
     assert max_diff(logits(merged), expected) < TOL
@@ -230,8 +253,8 @@ def test_save_then_load_adapter_round_trips_exactly(tmp_path):
     save_adapter(model, tmp_path, task_type="SEQ_CLS", modules_to_save=["score"])
 
     loaded = load_adapter(reward_model(), tmp_path)
-    assert loaded.lora_config == dict(r=4, alpha=8, dropout=0.0, targets=["q_proj", "k_proj", "v_proj"],
-                                      exclude=["score"], modules_to_save=["score"])
+    assert loaded.lora_configs["default"] == dict(r=4, alpha=8, dropout=0.0, targets=["q_proj", "k_proj", "v_proj"],
+                                                  exclude=["score"], modules_to_save=["score"])
     ours, theirs = lora_state_dict(model), lora_state_dict(loaded)
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -275,3 +298,14 @@ def test_load_adapter_with_an_unexpected_key_raises_naming_the_key(tmp_path):
     save_file(tensors, path)
     with pytest.raises(ValueError, match="unexpected key .*k_proj.lora_A.weight"):
         load_adapter(causal_lm(), tmp_path)
+
+
+def test_a_reward_adapter_loads_as_a_second_adapter_of_a_causal_lm_and_its_head_is_read_apart(tmp_path):
+    rm = randomise_lora_B(add_lora(reward_model(), r=4, alpha=8))
+    save_adapter(rm, tmp_path, task_type="SEQ_CLS", modules_to_save=["score"])
+    model = add_lora(causal_lm(), r=4, alpha=8, adapter="policy")
+    load_adapter(model, tmp_path, adapter="reward")
+    assert active_adapter(model) == "reward" and set(model.lora_configs) == {"policy", "reward"}
+    assert all(torch.equal(a, b) for a, b in zip(lora_state_dict(model, "reward").values(),
+                                                 lora_state_dict(rm).values()))
+    assert torch.equal(read_adapter_tensors(tmp_path, ["score"])["score.weight"], rm.score.weight)

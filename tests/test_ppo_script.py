@@ -1,16 +1,18 @@
 """train_ppo.py end to end on the tiny model, and the memory plan's shared weights."""
 
 import json
+import math
 import os
 import types
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import DEMO, run_script
-from nanorlhf.lora import disable_adapters
-from nanorlhf.ppo_setup import build_models
+from nanorlhf.lora import add_lora, lora_state_dict, merge_lora, save_adapter
+from nanorlhf.ppo_setup import base_copies, build_models
 from nanorlhf.rollout import generate, logprobs_of, response_mask, reward_scores
 
 TRL_NAMES = ["objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward",
@@ -44,6 +46,22 @@ def test_ppo_run_logs_trl_metrics_and_starts_on_policy(tiny_model_dir, rm_dir, t
 
 
 @pytest.mark.slow
+def test_a_bf16_base_on_cpu_runs_ppo_with_sane_statistics(tiny_model_dir, rm_dir, tmp_path):
+    out = tmp_path / "bf16"
+    proc = run_script("train_ppo.py", "--sft", tiny_model_dir, "--rm", rm_dir, "--data", f"{DEMO}/ppo.jsonl",
+                      "--output_dir", out, "--num_updates", 2, "--dtype", "bf16", *SMALL)
+    assert "torch.bfloat16 frozen weights" in proc.stderr
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
+    # the rollout (KV cache, one token at a time) and the training forward (the whole sequence) round
+    # differently in bf16, so the first ratio is not exactly 1; but the log-probs agree to a few 1e-3
+    assert rows[0]["val/first_approxkl"] < 1e-3 and rows[0]["val/first_clipfrac"] < 0.01
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert {v.dtype for v in adapter.values()} == {torch.float32}  # adapters trained and saved in fp32
+
+
+@pytest.mark.slow
 def test_critic_free_estimator_builds_no_critic(tiny_model_dir, rm_dir, tmp_path):
     out = tmp_path / "grpo"
     run_script("train_ppo.py", "--sft", tiny_model_dir, "--rm", rm_dir, "--data", f"{DEMO}/ppo.jsonl",
@@ -70,6 +88,7 @@ def test_reference_is_the_sft_model_with_adapters_off(tiny_model_dir, rm_dir):
     torch.manual_seed(0)
     m = build_models(ppo_args(tiny_model_dir, rm_dir), torch.device("cpu"), torch.float32, use_critic=True,
                      tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir))
+    assert m.plan == "two bases" and base_copies(m) == 2
     randomize_lora(m.policy)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompts = [tok(text, add_special_tokens=False)["input_ids"] for text in ("The common cold", "偏头痛会")]
@@ -78,8 +97,9 @@ def test_reference_is_the_sft_model_with_adapters_off(tiny_model_dir, rm_dir):
     sft = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():
         expected = logprobs_of(sft, query, response, mask, query_mask)
-        with disable_adapters(m.policy):
-            ref = logprobs_of(m.policy, query, response, mask, query_mask)
+        with m.role("reference") as ref_policy:
+            assert ref_policy is m.policy
+            ref = logprobs_of(ref_policy, query, response, mask, query_mask)
         policy = logprobs_of(m.policy, query, response, mask, query_mask)
     assert torch.equal(torch.where(mask > 0, ref, 0.0), torch.where(mask > 0, expected, 0.0))
     assert (policy - expected).abs().max() > 1e-3  # the adapters do change the policy
@@ -89,7 +109,7 @@ def test_reward_is_the_rm_with_the_critic_adapters_off(tiny_model_dir, rm_dir):
     torch.manual_seed(0)
     m = build_models(ppo_args(tiny_model_dir, rm_dir), torch.device("cpu"), torch.float32, use_critic=True,
                      tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir))
-    assert m.reward_model is m.critic  # one base model for both
+    assert m.roles["reward"][0] is m.critic  # one base model for both
     randomize_lora(m.critic)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     query = torch.tensor([[tok.pad_token_id, 5, 6], [7, 8, 9]])
@@ -98,13 +118,13 @@ def test_reward_is_the_rm_with_the_critic_adapters_off(tiny_model_dir, rm_dir):
     mask = response_mask(response, [tok.eos_token_id], tok.pad_token_id)
     rm = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
     with torch.no_grad():
-        with disable_adapters(m.reward_model):
-            ours = reward_scores(m.reward_model, query, response, mask, query_mask)
+        with m.role("reward") as reward_model:
+            ours = reward_scores(reward_model, query, response, mask, query_mask, m.reward_head)
         # transformers' own classifier on the same real tokens, one sequence at a time
         for i in range(2):
             ids = torch.cat([query[i][query_mask[i] > 0], response[i][mask[i] > 0]])[None]
             assert abs(rm(input_ids=ids).logits[0, 0].item() - ours[i].item()) < 1e-4
-        with_adapters = reward_scores(m.reward_model, query, response, mask, query_mask)
+        with_adapters = reward_scores(m.critic, query, response, mask, query_mask, m.reward_head)
     assert (with_adapters - ours).abs().max() > 1e-3
 
 
@@ -115,3 +135,119 @@ def test_value_head_starts_as_the_reward_head(tiny_model_dir, rm_dir):
     assert m.v_head.weight.data_ptr() != m.critic.score.weight.data_ptr()  # a copy, trained on its own
     trainable = {n for n, p in m.critic.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
+
+
+# ---------------------------------------------------------------- one base for all four roles
+
+@pytest.fixture(scope="module")
+def rm_adapter(tiny_model_dir, tmp_path_factory):
+    """A LoRA reward adapter trained (here: randomised) on the SFT model, as train_rm.py writes it, and the
+    same reward model merged (what the two-base plan reads)."""
+    root = tmp_path_factory.mktemp("rm-adapter")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    rm.config.pad_token_id = tok.pad_token_id
+    add_lora(rm, r=4, alpha=8, exclude=["score"])
+    randomize_lora(rm)
+    with torch.no_grad():
+        rm.score.weight.normal_(0, 0.3)
+    save_adapter(rm, root / "adapter", base_model_name_or_path=os.path.abspath(tiny_model_dir), task_type="SEQ_CLS",
+                 modules_to_save=["score"])
+    tok.save_pretrained(root / "adapter")
+    merge_lora(rm).save_pretrained(root / "merged")
+    tok.save_pretrained(root / "merged")
+    return str(root / "adapter"), str(root / "merged")
+
+
+def rollout_batch(m, tok):
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("I have a runny nose", "我头痛，怕光。", "Hi")]
+    torch.manual_seed(5)
+    with m.role("policy") as policy:
+        query, query_mask, response, logprobs = generate(policy, prompts, 8, [tok.eos_token_id], tok.pad_token_id)
+    mask = response_mask(response, [tok.eos_token_id], tok.pad_token_id)
+    return tuple(t.clone() for t in (query, query_mask, response, mask, logprobs))  # out of inference mode
+
+
+def test_one_base_plan_scores_refers_and_values_as_the_two_base_plan(tiny_model_dir, rm_adapter):
+    from nanorlhf import ppo
+    from nanorlhf.ppo_setup import PolicyAndValue
+    from nanorlhf.rollout import critic_values
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    adapter_dir, merged_dir = rm_adapter
+    plans = {}
+    for name, rm in (("one", adapter_dir), ("two", merged_dir)):
+        torch.manual_seed(0)
+        plans[name] = build_models(ppo_args(tiny_model_dir, rm), torch.device("cpu"), torch.float32, use_critic=True,
+                                   tokenizer=tok)
+    one, two = plans["one"], plans["two"]
+    assert (one.plan, base_copies(one), two.plan, base_copies(two)) == ("one base", 1, "two bases", 2)
+    with torch.no_grad():  # the same policy adapter on both (its random A is drawn in another order)
+        for (_, a), (_, b) in zip(lora_state_dict(one.policy, "policy").items(), lora_state_dict(two.policy).items()):
+            a.copy_(b)
+    batch = rollout_batch(two, tok)
+    assert torch.equal(batch[2], rollout_batch(one, tok)[2])  # the same responses, sampled from the same policy
+    query, query_mask, response, mask, old_logprobs = batch
+    outputs = {}
+    for name, m in plans.items():
+        with torch.no_grad():
+            with m.role("reward") as model:
+                scores = reward_scores(model, query, response, mask, query_mask, m.reward_head)
+            with m.role("reference") as model:
+                ref = logprobs_of(model, query, response, mask, query_mask)
+            with m.role("critic") as model:
+                values = critic_values(model, m.v_head, query, response, mask, query_mask)
+        # one PPO step on the policy: the loss and the policy after it
+        advantages = ppo.masked_whiten(torch.linspace(-1, 1, mask.numel()).view_as(mask), mask)
+        optimizer = torch.optim.AdamW(m.trainable(), lr=1e-2)
+        logits, new_values = PolicyAndValue(m, 1.0)(query, response, mask, query_mask)
+        pg_loss, _ = ppo.policy_loss(ppo.logprobs_from_logits(logits, response), old_logprobs, advantages, mask, 0.2)
+        vf_loss, _ = ppo.value_loss(new_values, values, values + 1.0, mask, 0.2)
+        (pg_loss + 0.1 * vf_loss).backward()
+        optimizer.step()
+        with torch.no_grad(), m.role("policy") as policy:
+            after = logprobs_of(policy, query, response, mask, query_mask)
+        outputs[name] = dict(scores=scores, ref=ref * mask, values=values * mask, pg_loss=pg_loss, vf_loss=vf_loss,
+                             after=after * mask)
+    for key, value in outputs["two"].items():
+        assert (outputs["one"][key] - value).abs().max().item() < 1e-5, key
+    assert (outputs["one"]["after"] - outputs["one"]["ref"]).abs().max() > 1e-3  # the step did move the policy
+
+
+def test_one_base_checkpoint_writes_peft_adapters_that_load_and_resume(tiny_model_dir, rm_adapter, tmp_path):
+    from peft import PeftModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    m = build_models(ppo_args(tiny_model_dir, rm_adapter[0]), torch.device("cpu"), torch.float32, use_critic=True,
+                     tokenizer=tok)
+    randomize_lora(m.policy)
+    m.save(str(tmp_path), tok)
+    ids = torch.tensor([tok("I have a runny nose", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad(), m.role("policy") as policy:
+        ours = policy(input_ids=ids).logits
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert (peft_model(input_ids=ids).logits - ours).abs().max() < 1e-4
+    torch.manual_seed(0)
+    fresh = build_models(ppo_args(tiny_model_dir, rm_adapter[0]), torch.device("cpu"), torch.float32, use_critic=True,
+                         tokenizer=tok)
+    fresh.load(str(tmp_path))
+    for role in ("policy", "critic"):
+        a = lora_state_dict(m.policy, role)
+        b = lora_state_dict(fresh.policy, role)
+        assert all(torch.equal(a[k], b[k]) for k in a), role
+    assert torch.equal(m.v_head.weight, fresh.v_head.weight)
+
+
+def test_an_rm_adapter_trained_on_another_base_is_refused(tiny_model_dir, rm_adapter, tmp_path):
+    import shutil
+
+    from nanorlhf.errors import UserError
+
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_model_dir, other)
+    with pytest.raises(UserError, match="the adapter was trained on .*, not on --sft"):
+        build_models(ppo_args(str(other), rm_adapter[0]), torch.device("cpu"), torch.float32, use_critic=True,
+                     tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir))

@@ -51,12 +51,14 @@ def data(tmp_path_factory):
     return root
 
 
-def stage_args(stage, tiny_model_dir, rm_dir, data):
+def stage_args(stage, tiny_model_dir, rm_dir, data, rm_adapter=None):
     ppo = ["train_ppo.py", "--sft", tiny_model_dir, "--rm", rm_dir, "--data", data / "ppo.jsonl", *PPO]
     return {"sft": ["train_sft.py", "--model", tiny_model_dir, "--data", data / "sft.jsonl", *SFT],
             "rm": ["train_rm.py", "--model", tiny_model_dir, "--data", data / "rm.jsonl", *RM],
             "ppo": ppo,
-            "ppo full": [*ppo, "--finetuning_type", "full"]}[stage]
+            "ppo full": [*ppo, "--finetuning_type", "full"],
+            # the RM stage's LoRA adapter, trained on the same model: one base for all four roles
+            "ppo one base": [*ppo[:4], rm_adapter, *ppo[5:]]}[stage]
 
 
 def final_weights(out):
@@ -101,22 +103,23 @@ def assert_same_run(out, reference):
 def unbroken(launcher, tiny_model_dir, rm_dir, data, tmp_path_factory):
     """Each stage run once, never interrupted (and never checkpointed): the reference."""
     root, outs = tmp_path_factory.mktemp("unbroken"), {}
-    for stage in ("sft", "rm", "ppo", "ppo full"):
+    for stage in ("sft", "rm", "ppo", "ppo full", "ppo one base"):
         outs[stage] = root / stage.replace(" ", "-")
-        code, stderr = launcher.run(*stage_args(stage, tiny_model_dir, rm_dir, data),
+        code, stderr = launcher.run(*stage_args(stage, tiny_model_dir, rm_dir, data, outs.get("rm")),
                                     "--output_dir", outs[stage])
         assert code == 0, stderr
+    assert "memory plan: one base (1 copy of the base weights" in stderr
     return outs
 
 
 @pytest.mark.parametrize("stage,save_steps,kept",
-                         [("sft", 3, 6), ("rm", 3, 6), ("ppo", 2, 4), ("ppo full", 2, 4)])
+                         [("sft", 3, 6), ("rm", 3, 6), ("ppo", 2, 4), ("ppo full", 2, 4), ("ppo one base", 2, 4)])
 def test_killed_run_resumed_ends_bit_identical_to_an_unbroken_one(stage, save_steps, kept, launcher, unbroken,
                                                                    tiny_model_dir, rm_dir, data, tmp_path):
     """SIGKILL right after checkpoint-<save_steps> appears, then --resume (--save_total_limit 1)."""
     out = tmp_path / stage.replace(" ", "-")
-    cmd = [*stage_args(stage, tiny_model_dir, rm_dir, data), "--output_dir", out, "--save_steps", save_steps,
-           "--save_total_limit", 1]
+    cmd = [*stage_args(stage, tiny_model_dir, rm_dir, data, unbroken["rm"]), "--output_dir", out,
+           "--save_steps", save_steps, "--save_total_limit", 1]
     pid = launcher.start(*cmd)
     wait_for(out / f"checkpoint-{save_steps}" / "trainer_state.pt")
     os.kill(pid, signal.SIGKILL)
