@@ -11,8 +11,8 @@ PY=${PYTHON:-python3}
 D=data/demo
 rm -rf "$OUT"
 mkdir -p "$OUT"
-step() { echo; echo "== $* =="; }
 start=$(date +%s)
+step() { echo; echo "== $* ($(( $(date +%s) - start )) s so far) =="; }
 
 step "1/4 PT: build a tokenizer + tiny model from the corpus, pretrain it (full)"
 $PY train_pt.py --data $D/pt.txt --output_dir "$OUT/pt" --num_train_epochs 12 \
