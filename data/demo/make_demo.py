@@ -265,8 +265,12 @@ FULLER_SFT_SHARE = 0.15  # SFT answers that also say when to see a doctor
 # wrong_language (the full answer, in the other language) teaches the RM that a Chinese question wants a
 # Chinese answer: without it, PPO learnt to answer Chinese prompts with the English doctor sentence,
 # which an RM that had only seen same-language answers scored higher than any Chinese answer.
-REJECTED_KINDS = [("short", 0.30), ("wrong_condition", 0.25), ("terse", 0.15), ("repetitive", 0.15),
-                  ("wrong_language", 0.15)]
+# rambling (the full answer, then one or two sentences more: its own advice or doctor sentence again, or in
+# English another condition's doctor sentence) shows the RM that an answer which goes on after it is
+# complete is worse: PPO policies did exactly that. Each such answer repeats a sentence or a 4-gram, so
+# the gold rubric (no_repeat) agrees that it is worse.
+REJECTED_KINDS = [("short", 0.25), ("wrong_condition", 0.25), ("terse", 0.10), ("repetitive", 0.10),
+                  ("wrong_language", 0.15), ("rambling", 0.15)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,6 +321,14 @@ def rejected_answer(c, lang, i, rng):
         text = full_answer(other, lang, i)
     elif kind == "wrong_language":
         text = full_answer(c, "zh" if lang == "en" else "en", i)
+    elif kind == "rambling":
+        extra = []
+        for _ in range(rng.choice([1, 2])):
+            if lang == "en" and rng.random() < 0.5:  # "See a doctor if ..." again, about something else
+                extra.append(rng.choice([o for o in CONDITIONS if o["id"] != c["id"]])["doctor_en"])
+            else:
+                extra.append(c[f"{rng.choice(['advice', 'doctor'])}_{lang}"])
+        text = join(lang, [full_answer(c, lang, i)] + extra)
     elif kind == "terse":  # the condition alone, or the condition and the doctor without advice
         parts = [opener(c, lang, i)] + ([c[f"doctor_{lang}"]] if rng.random() < 0.5 else [])
         text = join(lang, parts)
