@@ -49,12 +49,14 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0, adapter="default"):
         super().__init__()
+        mode = base_layer.training
         self.base_layer = base_layer.requires_grad_(False)
         self.lora_A, self.lora_B, self.lora_dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         self.r, self.alpha, self.scaling = {}, {}, {}
         self.active = adapter  # the adapter forward applies
         self.disabled = False  # True: behave exactly like the base layer (see disable_adapters)
         self.add_adapter(adapter, r, alpha, dropout)
+        self.train(mode)  # a model in eval mode stays in eval mode: no dropout appears
 
     def add_adapter(self, name, r, alpha, dropout=0.0):
         dtype = self.base_layer.weight.dtype
@@ -67,6 +69,8 @@ class LoRALinear(nn.Module):
         # A random and B zero makes B A = 0 at the start; PEFT uses the same kaiming init for A.
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[name].weight)
+        for module in (self.lora_A[name], self.lora_B[name], self.lora_dropout[name]):
+            module.train(self.training)  # the new modules take the layer's mode
 
     def forward(self, x):
         y = self.base_layer(x)

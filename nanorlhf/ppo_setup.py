@@ -255,8 +255,23 @@ def build_models(args, device, dtype, use_critic, tokenizer):
     if args.gradient_checkpointing:
         for model in {id(m.policy): m.policy, id(m.critic): m.critic}.values():
             if model is not None:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_gradient_checkpointing(model)
     return m
+
+
+def enable_gradient_checkpointing(model):
+    """Recompute each decoder layer in backward instead of keeping its activations.
+
+    transformers checkpoints a layer only while that layer is in training mode, and PPO keeps every
+    module in eval mode (no dropout: the training forward must give the rollout's log-probs). So only
+    the decoder layers themselves are flagged as training, not their children: dropout stays off, and
+    without gradients (rollout, scoring) a layer runs as usual, KV cache included."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.training = True  # this module alone: its attention and MLP stay in eval mode
 
 
 def check_same_tokenizer(policy_tok, rm_tok, policy_path, rm_path):

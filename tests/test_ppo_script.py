@@ -251,3 +251,26 @@ def test_an_rm_adapter_trained_on_another_base_is_refused(tiny_model_dir, rm_ada
     with pytest.raises(UserError, match="the adapter was trained on .*, not on --sft"):
         build_models(ppo_args(str(other), rm_adapter[0]), torch.device("cpu"), torch.float32, use_critic=True,
                      tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir))
+
+
+def test_gradient_checkpointing_really_checkpoints_and_keeps_dropout_off(tiny_model_dir, rm_dir):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from nanorlhf.ppo_setup import PolicyAndValue
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    grads = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        m = build_models(ppo_args(tiny_model_dir, rm_dir, gradient_checkpointing=checkpointing, lora_dropout=0.1),
+                         torch.device("cpu"), torch.float32, use_critic=True, tokenizer=tok)
+        layers = [mod for mod in m.policy.modules() if isinstance(mod, GradientCheckpointingLayer)]
+        # transformers checkpoints a layer only in training mode: the layers are, their children are not
+        assert all(layer.training == checkpointing for layer in layers)
+        assert not any(mod.training for mod in m.policy.modules() if not isinstance(mod, GradientCheckpointingLayer))
+        query, query_mask, response, mask, _ = rollout_batch(m, tok)
+        logits, values = PolicyAndValue(m, 1.0)(query, response, mask, query_mask)
+        (logits.logsumexp(-1).mean() + values.mean()).backward()
+        grads[checkpointing] = [p.grad.clone() for p in m.trainable()]
+    # the same gradients, recomputed (dropout off: the second forward equals the first)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[False], grads[True]))
