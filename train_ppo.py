@@ -289,7 +289,8 @@ def main():
                 "val/explained_variance": (
                     ppo.explained_variance(values, returns, mask, reduce=dist.sum_over_ranks).item()
                     if use_critic else 0.0),
-                "val/response_length": mask.sum(1).mean().item(), "val/eos_fraction": ended.float().mean().item(),
+                "val/response_length": mask.sum(1).mean().item(), "val/response_length_max": mask.sum(1).max().item(),
+                "val/eos_fraction": ended.float().mean().item(),
                 "val/first_approxkl": stats["approxkl"][0].item(), "val/first_clipfrac": stats["clipfrac"][0].item(),
                 "kl_coef": kl_ctl.value, "lr": scheduler.get_last_lr()[0],
                 "time/rollout_s": t_rollout - t0, "time/score_s": t_score - t_rollout,

@@ -3,9 +3,10 @@
     python bench/generate_bench.py --model DIR --data PROMPTS --out OUT.json [--repeats 5]
 
 The same model, prompts (one batch), response length and sampling (temperature, no top-k/top-p);
-both sides produce exactly --response_length tokens per prompt (the benchmark's tokenizer has an
-EOS the model cannot sample, see bench/run.py). Repeats alternate which side goes first, after one
-warm-up call each; we report the median tokens/s of each (and the best call's) and their ratio.
+both sides produce exactly --response_length tokens per prompt (run under bench/peak.py, whose hook
+makes the end-of-turn token impossible to sample, as bench/run.py does). Repeats alternate which
+side goes first, after one warm-up call each; we report the median tokens/s of each (and the best
+call's) and their ratio.
 nanorlhf's generate also returns the log-prob of every sampled token (PPO's old log-probs);
 model.generate returns tokens only.
 """

@@ -1,23 +1,32 @@
 """Benchmark nanorlhf's PPO against TRL's PPOTrainer on the same workload, side by side (`make bench`).
 
-    python bench/run.py                         # tiny + small models, LoRA + full: 5-10 min on a 2-core CPU
-    python bench/run.py --sizes tiny --modes lora --num_updates 3     # a quick look
+    python bench/run.py                  # tiny, small and Qwen2.5-0.5B's architecture: ~15 min on a 2-core CPU
+    python bench/run.py --quick          # tiny and small only: ~5 min
 
-1. Models, built here from data/demo/pt.txt (nothing downloaded): train_pt.py with no --model builds
-   the tiny default and a "small" one, a few PT steps each (good weights are not the point). Each is
-   the SFT policy, and, converted to AutoModelForSequenceClassification(num_labels=1), the reward model.
-   Their tokenizer gets an EOS the model cannot sample (an id past its vocabulary), so every response on
-   both sides is exactly --response_length tokens: the same work, whatever either side's sampler draws.
-   The prompts are --batch_size prompts of data/demo/ppo.jsonl with the same token length (no padding).
-2. PPO, for each size and finetuning type (LoRA on policy and critic, or both trained whole): train_ppo.py
-   and bench/trl_ppo.py (TRL's PPOTrainer, trl==1.12.0) one after the other, each in a fresh process
-   (bench/peak.py records its peak memory); the first iteration is a warm-up and is not counted.
-3. Sampling: nanorlhf.rollout.generate against transformers' model.generate (bench/generate_bench.py).
+1. Models, built here (nothing downloaded): train_pt.py with no --model builds the tiny default and a
+   "small" one from data/demo/pt.txt, a few PT steps each; "qwen0.5b" is transformers' Qwen2 with
+   Qwen2.5-0.5B's real sizes (494M parameters, 151,936-token vocabulary) and random weights, with the
+   tiny tokenizer. Each is the SFT policy; the reward model is the same weights with a random LoRA
+   adapter and score head, as train_rm.py writes it (an adapter: nanorlhf's one-base plan) and merged
+   (a reward-model dir: TRL's side, and nanorlhf's two-base plan).
+2. Workloads. "fixed": --batch_size prompts of one token length, every response exactly
+   --response_length tokens (no padding anywhere). "realistic": prompts of varying length, and
+   responses that end at varying lengths (on average --mean_response tokens, capped at 4x that), as
+   MedicalGPT's questions and a policy's answers do. With random weights, when a response ends is set
+   by a hook both sides get (bench/peak.py: the end-of-turn token's probability is 0, or 1/mean).
+3. PPO: train_ppo.py and bench/trl_ppo.py (TRL's PPOTrainer, trl==1.12.0), one after the other, each in
+   a fresh process (bench/peak.py records its memory); the first iteration is a warm-up, not counted.
+   tiny/small: LoRA and full fine-tuning, same dtype and settings on both sides. qwen0.5b: nanorlhf's
+   one-base plan in fp32 and with a bf16 base; TRL with LoRA matched to ours (fp32), and TRL's standard
+   setup (full fine-tuning of the policy and the value model, its own defaults such as gradient
+   checkpointing).
+4. Sampling: nanorlhf.rollout.generate against transformers' model.generate (bench/generate_bench.py),
+   and the machine's own limits, measured in the same run: matmul GFLOP/s in fp32 and bf16, memory copy
+   GB/s (bench/machine.py).
 Results: bench/results/latest.json and latest.md (how to read them: bench/README.md).
 """
 
 import argparse
-import collections
 import datetime
 import json
 import os
@@ -30,41 +39,55 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
-BENCH_EOS = "<|bench_eos|>"
+# Qwen2.5-0.5B's config.json sizes (random weights here): 494M parameters, 136M of them the embedding
+QWEN_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
+                rms_norm_eps=1e-6, tie_word_embeddings=True)
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default="tiny,small", help="nanorlhf.tiny SIZES to build, comma-separated")
-    p.add_argument("--modes", default="lora,full", help="finetuning types to compare: lora, full")
-    p.add_argument("--num_updates", type=int, default=3, help="PPO iterations per run (1st: warm-up)")
+    p.add_argument("--sizes", default="tiny,small,qwen0.5b", help="tiny, small (nanorlhf.tiny) and/or qwen0.5b")
+    p.add_argument("--quick", action="store_true", help="tiny and small only (about 5 minutes)")
+    p.add_argument("--modes", default="lora", help="finetuning types compared at tiny/small sizes: lora, full")
+    p.add_argument("--num_updates", type=int, default=3, help="PPO iterations per run at tiny/small (1st: warm-up)")
     p.add_argument("--rounds", type=int, default=1, help="runs of each side per configuration (alternating)")
-    p.add_argument("--batch_size", type=int, default=16, help="prompts per PPO iteration")
-    p.add_argument("--response_length", type=int, default=48, help="tokens per response (fixed)")
+    p.add_argument("--batch_size", type=int, default=16, help="prompts per PPO iteration at tiny/small")
+    p.add_argument("--response_length", type=int, default=48, help="tokens per response (fixed workload)")
+    p.add_argument("--mean_response", type=int, default=24, help="mean response length (realistic workload)")
     p.add_argument("--num_mini_batches", type=int, default=2)
     p.add_argument("--ppo_epochs", type=int, default=4)
-    p.add_argument("--pt_steps", type=int, default=5, help="PT steps when building each model")
+    p.add_argument("--big_batch_size", type=int, default=4, help="prompts per PPO iteration at qwen0.5b")
+    p.add_argument("--big_num_updates", type=int, default=2, help="PPO iterations per run at qwen0.5b")
+    p.add_argument("--big_threads", type=int, default=2, help="CPU threads per process at qwen0.5b (wall clock)")
+    p.add_argument("--pt_steps", type=int, default=5, help="PT steps when building the tiny/small models")
     p.add_argument("--gen_repeats", type=int, default=5, help="timed calls of each generate")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per process (0 = torch's default); "
-                   "one thread keeps timings steady on a busy or shared machine")
-    p.add_argument("--clock", default="auto", choices=["auto", "wall", "cpu"], help="what a second is: "
-                   "wall clock, or the process's CPU time (immune to other load; needs one thread); "
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per process at tiny/small (0 = torch's "
+                   "default); one thread keeps timings steady on a busy or shared machine")
+    p.add_argument("--clock", default="auto", choices=["auto", "wall", "cpu"], help="what a second is at "
+                   "tiny/small: wall clock, or the process's CPU time (immune to other load; needs one thread); "
                    "auto: cpu on a CPU with --threads 1, else wall")
     p.add_argument("--no_trl", action="store_true", help="nanorlhf only")
+    p.add_argument("--configs", default="", help="run only the configurations whose name contains one of these "
+                   "|-separated words")
     p.add_argument("--work_dir", default=os.path.join(ROOT, "runs", "bench"))
     p.add_argument("--results_dir", default=os.path.join(BENCH, "results"))
-    return p.parse_args()
+    args = p.parse_args()
+    if args.quick:
+        args.sizes = ",".join(s for s in args.sizes.split(",") if s != "qwen0.5b")
+    return args
 
 
 def log(msg):
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def child_env(args):
+def child_env(threads, clock, extra=None):
     env = dict(os.environ, TQDM_DISABLE="1", TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
-    if args.threads > 0:
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    env["BENCH_CLOCK"] = args.clock
+    if threads > 0:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env["BENCH_CLOCK"] = clock
+    env.update(extra or {})
     return env
 
 
@@ -73,12 +96,11 @@ def read_json(path):
         return json.load(f)
 
 
-def run(cmd, log_path, args, peak_json=None):
-    """Run a command (a Python script under bench/peak.py if peak_json), its output to log_path.
-    Returns (ok, wall seconds, peak memory dict or None, the last lines of its output)."""
-    env = child_env(args)
+def run(cmd, log_path, env, peak_json=None):
+    """Run a Python script (under bench/peak.py if peak_json), its output to log_path.
+    Returns (ok, wall seconds, memory dict or None, the last lines of its output)."""
     if peak_json:
-        env["BENCH_PEAK_JSON"] = peak_json
+        env = dict(env, BENCH_PEAK_JSON=peak_json)
         cmd = [sys.executable, os.path.join(BENCH, "peak.py")] + cmd
     else:
         cmd = [sys.executable] + cmd
@@ -95,106 +117,172 @@ def run(cmd, log_path, args, peak_json=None):
 # ---------------------------------------------------------------- 1. models and prompts
 
 def build_models(size, args, work):
-    """PT a `size` model from the demo corpus; write sft/ (policy), rm/ (reward) and prompts.jsonl."""
+    """The SFT policy (sft/), its reward model as a LoRA adapter (rm-adapter/) and merged (rm/), and the
+    tokenizer's end-of-turn id (the token bench/peak.py's hook governs)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, Qwen2Config
+
+    from nanorlhf.lora import add_lora, merge_lora, save_adapter
+    from nanorlhf.template import end_of_turn
+
+    sft, rm, rm_adapter = (os.path.join(work, d) for d in ("sft", "rm", "rm-adapter"))
+    start = time.perf_counter()
+    if size == "qwen0.5b":  # the real architecture, random weights; the tiny tokenizer feeds it small ids
+        from nanorlhf.tiny import train_tokenizer
+
+        with open(os.path.join(ROOT, "data", "demo", "pt.txt"), encoding="utf-8") as f:
+            tokenizer = train_tokenizer(f.read().splitlines())
+        config = Qwen2Config(**QWEN_05B, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             bos_token_id=None)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        pt = os.path.join(work, "pt")
+        cmd = ["train_pt.py", "--data", "data/demo/pt.txt", "--output_dir", pt, "--model_size", size,
+               "--max_steps", str(args.pt_steps), "--per_device_train_batch_size", "16",
+               "--learning_rate", "3e-3", "--logging_steps", str(args.pt_steps)]
+        ok, _, _, tail = run(cmd, os.path.join(work, "pt.log"), child_env(args.threads, "wall"))
+        if not ok:
+            raise SystemExit(f"train_pt.py failed ({size}):\n" + "\n".join(tail))
+        tokenizer = AutoTokenizer.from_pretrained(pt)
+        model = AutoModelForCausalLM.from_pretrained(pt)
+    model.save_pretrained(sft)
+    tokenizer.save_pretrained(sft)
+    # the reward model: a random LoRA adapter (small B) and score head on the SFT weights, as train_rm.py writes
+    torch.manual_seed(1)
+    reward = AutoModelForSequenceClassification.from_pretrained(sft, num_labels=1)
+    reward.config.pad_token_id = tokenizer.pad_token_id
+    add_lora(reward, r=8, alpha=16, exclude=["score"])
+    with torch.no_grad():
+        for name, param in reward.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02)
+        reward.score.weight.normal_(0.0, 1.0 / (reward.config.hidden_size + 1) ** 0.5)
+    save_adapter(reward, rm_adapter, base_model_name_or_path=os.path.abspath(sft), task_type="SEQ_CLS",
+                 modules_to_save=["score"])
+    tokenizer.save_pretrained(rm_adapter)
+    merge_lora(reward).save_pretrained(rm)
+    tokenizer.save_pretrained(rm)
+    n_params = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    del model, reward
+    log(f"{size}: {n_params:,} parameters ({time.perf_counter() - start:.0f}s to build)")
+    return {"sft": sft, "rm": rm, "rm_adapter": rm_adapter, "params": n_params, "embedding_params": embedding,
+            "hidden": QWEN_05B["hidden_size"] if size == "qwen0.5b" else None,
+            "vocab_size": QWEN_05B["vocab_size"] if size == "qwen0.5b" else len(tokenizer),
+            "stop_id": end_of_turn(tokenizer)[1], "tokenizer": tokenizer}
+
+
+def write_prompts(models, workload, batch_size, path):
+    """fixed: batch_size prompts of one token length (no padding); realistic: prompts of spread-out lengths."""
+    import collections
 
     from nanorlhf.data import encode_prompt, prompt_messages, read_records
 
-    pt = os.path.join(work, "pt")
-    cmd = ["train_pt.py", "--data", "data/demo/pt.txt", "--output_dir", pt, "--model_size", size,
-           "--max_steps", str(args.pt_steps), "--per_device_train_batch_size", "16",
-           "--learning_rate", "3e-3", "--logging_steps", str(args.pt_steps)]
-    ok, wall, _, tail = run(cmd, os.path.join(work, "pt.log"), args)
-    if not ok:
-        raise SystemExit(f"train_pt.py failed ({size}):\n" + "\n".join(tail))
-    tokenizer = AutoTokenizer.from_pretrained(pt)
-    vocab_size = AutoModelForCausalLM.from_pretrained(pt).config.vocab_size
-    tokenizer.add_special_tokens({"eos_token": BENCH_EOS})  # id == vocab_size: no logit can ever pick it
-    assert tokenizer.eos_token_id >= vocab_size, (tokenizer.eos_token_id, vocab_size)
-    sft, rm = os.path.join(work, "sft"), os.path.join(work, "rm")
-    AutoModelForCausalLM.from_pretrained(pt).save_pretrained(sft)
-    torch.manual_seed(0)  # the score head is new: a seeded random init
-    AutoModelForSequenceClassification.from_pretrained(pt, num_labels=1).save_pretrained(rm)
-    for d in (sft, rm):
-        tokenizer.save_pretrained(d)
-
+    tokenizer = models["tokenizer"]
     by_length = collections.defaultdict(list)
     for where, rec in read_records(os.path.join(ROOT, "data", "demo", "ppo.jsonl")):
         by_length[len(encode_prompt(tokenizer, prompt_messages(rec, where)))].append(rec)
-    length = max(by_length, key=lambda n: (len(by_length[n]) >= args.batch_size, len(by_length[n])))
-    chosen = (by_length[length] * args.batch_size)[:args.batch_size]
-    prompts = os.path.join(work, "prompts.jsonl")
-    with open(prompts, "w") as f:
+    if workload == "fixed":
+        length = max(by_length, key=lambda n: (len(by_length[n]) >= batch_size, len(by_length[n])))
+        chosen = (by_length[length] * batch_size)[:batch_size]
+        lengths = [length] * batch_size
+    else:  # evenly spaced over the sorted lengths: short and long questions in one batch
+        ranked = sorted((n, i, rec) for n, recs in by_length.items() for i, rec in enumerate(recs))
+        picks = [ranked[round(k * (len(ranked) - 1) / max(1, batch_size - 1))] for k in range(batch_size)]
+        chosen, lengths = [rec for _, _, rec in picks], [n for n, _, _ in picks]
+    with open(path, "w") as f:
         for rec in chosen:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(sft).parameters())
-    log(f"{size}: {n_params:,} parameters, vocab {vocab_size}, {len(chosen)} prompts of {length} tokens "
-        f"(PT {wall:.0f}s)")
-    return {"sft": sft, "rm": rm, "prompts": prompts, "params": n_params, "prompt_tokens": length,
-            "vocab_size": vocab_size}
+    return lengths
 
 
 # ---------------------------------------------------------------- 2. PPO, both sides
 
+def configurations(size, args):
+    """What runs at each size: (name, side, mode, dtype, workload, extra)."""
+    if size != "qwen0.5b":
+        return [(f"{mode}", side, mode, "fp32", "fixed", "matched") for mode in args.modes.split(",") if mode
+                for side in ("nanorlhf", "trl")]
+    return [("one base, fp32", "nanorlhf", "lora", "fp32", "realistic", ""),
+            ("one base, fp32, checkpointing", "nanorlhf", "lora", "fp32", "realistic", "checkpointing"),
+            ("one base, bf16 base, checkpointing", "nanorlhf", "lora", "bf16", "realistic", "checkpointing"),
+            ("LoRA matched, fp32", "trl", "lora", "fp32", "realistic", "matched"),
+            ("standard (full, its defaults: checkpointing), fp32", "trl", "full", "fp32", "realistic", "standard")]
+
+
 def summarize(runs):
     """Per-iteration seconds over every run's iterations after its first (a warm-up): the mean, and the
     best iteration (on a shared machine other work only ever adds time, so the minimum is the steadiest
-    estimate). Peak memory: the largest over the runs."""
+    estimate). Memory: the largest over the runs."""
     timed = [it for r in runs for it in (r["iterations"][1:] or r["iterations"])]
     mean = lambda key: statistics.mean(it[key] for it in timed)  # noqa: E731
     out = {"ppo_iter_s": mean("iter_s"), "ppo_iter_min_s": min(it["iter_s"] for it in timed),
            "rollout_s": mean("rollout_s"), "score_s": mean("score_s"), "update_s": mean("update_s"),
+           "response_tokens": mean("response_tokens"),
            "rollout_tok_s": statistics.mean(it["response_tokens"] / it["rollout_s"] for it in timed),
            "measured_iterations": len(timed), "runs": len(runs)}
+    for key in ("decode_steps", "update_tokens"):
+        if all(key in it for it in timed):
+            out[key] = mean(key)
     peaks = [r["peak"] for r in runs if r["peak"]]
-    out["peak_rss_mb"] = max(p["rss_mb"] for p in peaks) if peaks else None
-    if any("cuda_max_allocated_mb" in p for p in peaks):
-        out["peak_cuda_mb"] = max(p["cuda_max_allocated_mb"] for p in peaks)
-    out["peak_mb"] = out.get("peak_cuda_mb", out["peak_rss_mb"])
+    for key in ("rss_mb", "working_set_mb", "working_set_anon_mb", "working_set_mapped_mb", "loading_peak_mb",
+                "cuda_max_allocated_mb"):
+        values = [p[key] for p in peaks if key in p]
+        if values:
+            out[key] = max(values)
+    out["peak_mb"] = out.get("cuda_max_allocated_mb", out.get("working_set_mb", out.get("rss_mb")))
     out["iter_s_each"] = [[round(it["iter_s"], 3) for it in r["iterations"]] for r in runs]
     out["process_wall_s"] = [round(r["wall"], 1) for r in runs]
     return out
 
 
-def workload_flags(args, models, mode):
-    return ["--sft", models["sft"], "--rm", models["rm"], "--data", models["prompts"],
-            "--finetuning_type", mode, "--num_updates", str(args.num_updates),
-            "--batch_size", str(args.batch_size),
-            "--num_mini_batches", str(args.num_mini_batches), "--ppo_epochs", str(args.ppo_epochs),
-            "--response_length", str(args.response_length), "--temperature", "0.7", "--learning_rate", "1e-4",
-            "--lora_rank", "8", "--lora_alpha", "16", "--seed", "42"]
-
-
-def run_nanorlhf(args, models, mode, work, round_):
-    out_dir = os.path.join(work, f"nanorlhf-{mode}-{round_}")
-    cmd = ["train_ppo.py", *workload_flags(args, models, mode), "--output_dir", out_dir,
-           "--logging_steps", "1", "--max_grad_norm", "0", "--save_steps", "0", "--kl_coef", "0.05",
-           "--missing_eos_penalty", "1.0"]
-    ok, wall, peak, tail = run(cmd, out_dir + ".log", args, out_dir + ".peak.json")
-    if not ok:
-        return {"error": "train_ppo.py failed: " + " | ".join(tail)}
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    iterations = [{"rollout_s": r["time/rollout_s"], "score_s": r["time/score_s"],
-                   "update_s": r["time/update_s"],
-                   "iter_s": r["time/rollout_s"] + r["time/score_s"] + r["time/update_s"],
-                   "response_tokens": r["val/response_length"] * args.batch_size} for r in rows]
-    return {"iterations": iterations, "peak": peak, "wall": wall}
-
-
-def run_trl(args, models, mode, work, round_):
+def run_side(args, models, spec, work, round_, setting):
+    name, side, mode, dtype, workload, extra = spec
+    label = f"{side}-" + "".join(c if c.isalnum() else "_" for c in name) + f"-{round_}"
+    out_dir = os.path.join(work, label)
+    prompts = models[f"prompts_{workload}"]
+    stop_p = 0.0 if workload == "fixed" else 1.0 / args.mean_response
+    env = child_env(setting["threads"], setting["clock"],
+                    {"BENCH_STOP_IDS": str(models["stop_id"]), "BENCH_STOP_P": str(stop_p),
+                     "BENCH_STOP_TEMPERATURE": "0.7", "BENCH_TIMELINE": out_dir + ".timeline"})
+    flags = ["--sft", models["sft"], "--data", prompts, "--finetuning_type", mode,
+             "--num_updates", str(setting["num_updates"]), "--batch_size", str(setting["batch_size"]),
+             "--num_mini_batches", str(setting["num_mini_batches"]), "--ppo_epochs", str(setting["ppo_epochs"]),
+             "--response_length", str(setting["response_length"]), "--temperature", "0.7",
+             "--learning_rate", "1e-4", "--lora_rank", "8", "--lora_alpha", "16", "--seed", "42"]
+    if side == "nanorlhf":
+        rm = models["rm_adapter"] if mode == "lora" else models["rm"]
+        cmd = ["train_ppo.py", *flags, "--rm", rm, "--output_dir", out_dir, "--logging_steps", "1",
+               "--max_grad_norm", "0", "--save_steps", "0", "--kl_coef", "0.05", "--missing_eos_penalty", "1.0",
+               "--dtype", dtype] + (["--gradient_checkpointing"] if extra == "checkpointing" else [])
+        env["BENCH_MARKER"] = os.path.join(out_dir, "metrics.jsonl")  # the first iteration is logged: loading is over
+        ok, wall, peak, tail = run(cmd, out_dir + ".log", env, out_dir + ".peak.json")
+        if not ok:
+            return {"error": "train_ppo.py failed: " + " | ".join(tail), "peak": peak}
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        iterations = [{"rollout_s": r["time/rollout_s"], "score_s": r["time/score_s"],
+                       "update_s": r["time/update_s"],
+                       "iter_s": r["time/rollout_s"] + r["time/score_s"] + r["time/update_s"],
+                       "response_tokens": r["val/response_length"] * setting["batch_size"],
+                       "decode_steps": r["val/response_length_max"],
+                       "update_tokens": r["val/response_length"] * setting["batch_size"]
+                       + sum(models[f"prompt_lengths_{workload}"])}
+                      for r in rows]
+        return {"iterations": iterations, "peak": peak, "wall": wall}
     trl_version = versions()["trl"]
     if trl_version is None:
         return {"error": 'trl is not installed: pip install "trl==1.12.0" (or pip install -e ".[bench]")'}
     if trl_version != "1.12.0":
         return {"error": f"needs trl==1.12.0 (the last release with PPOTrainer), found {trl_version}"}
-    out_dir = os.path.join(work, f"trl-{mode}-{round_}")
-    cmd = [os.path.join(BENCH, "trl_ppo.py"), *workload_flags(args, models, mode), "--output_dir", out_dir,
-           "--timings", out_dir + ".timings.json"]
-    ok, wall, peak, tail = run(cmd, out_dir + ".log", args, out_dir + ".peak.json")
+    cmd = [os.path.join(BENCH, "trl_ppo.py"), *flags, "--rm", models["rm"], "--output_dir", out_dir,
+           "--timings", out_dir + ".timings.json", "--setup", extra]
+    env["BENCH_MARKER"] = out_dir + ".timings.json.first"
+    ok, wall, peak, tail = run(cmd, out_dir + ".log", env, out_dir + ".peak.json")
     if not ok:
-        return {"error": "TRL PPOTrainer failed: " + " | ".join(tail)}
+        why = (peak or {}).get("memory") or "TRL PPOTrainer failed: " + " | ".join(tail)
+        return {"error": why, "peak": peak}
     iterations = read_json(out_dir + ".timings.json")["iterations"]
     return {"iterations": iterations, "peak": peak, "wall": wall}
 
@@ -210,19 +298,40 @@ def import_baseline(args, work):
         script = os.path.join(work, f"imports_{side}.py")
         with open(script, "w") as f:
             f.write(f"import sys; sys.path.insert(0, {ROOT!r})\n{code}\n")
-        ok, _, peak, _ = run([script], script + ".log", args, script + ".peak.json")
+        ok, _, peak, _ = run([script], script + ".log", child_env(args.threads, "wall"), script + ".peak.json")
         baseline[side] = peak["rss_mb"] if ok and peak else None
     return baseline
 
 
-# ---------------------------------------------------------------- 3. sampling
+# ---------------------------------------------------------------- 3. sampling, and the machine's limits
 
-def run_generate(args, models, work):
+def run_generate(args, models, work, setting):
     out = os.path.join(work, "generate.json")
-    ok, _, _, tail = run([os.path.join(BENCH, "generate_bench.py"), "--model", models["sft"], "--data",
-                          models["prompts"], "--out", out, "--response_length", str(args.response_length),
-                          "--repeats", str(args.gen_repeats)], os.path.join(work, "generate.log"), args)
+    env = child_env(setting["threads"], setting["clock"], {"BENCH_STOP_IDS": str(models["stop_id"]),
+                                                           "BENCH_STOP_P": "0"})
+    ok, _, _, tail = run([os.path.join(BENCH, "peak.py"), os.path.join(BENCH, "generate_bench.py"), "--model",
+                          models["sft"], "--data", models["prompts_fixed"], "--out", out, "--response_length",
+                          str(setting["response_length"]), "--repeats", str(args.gen_repeats)],
+                         os.path.join(work, "generate.log"), dict(env, BENCH_PEAK_JSON=out + ".peak"))
     return read_json(out) if ok else {"error": "generate_bench.py failed: " + " | ".join(tail)}
+
+
+def run_machine(threads, work):
+    out = os.path.join(work, f"machine-{threads}.json")
+    ok, _, _, tail = run([os.path.join(BENCH, "machine.py"), "--out", out], out + ".log", child_env(threads, "wall"))
+    return read_json(out) if ok else {"error": " | ".join(tail)}
+
+
+def update_flops(r, models, setting, mode):
+    """Floating-point work of one update (estimated, 2 FLOPs per multiply-add): every PPO epoch runs the
+    policy and the critic forward (2 x body parameters per token) and backward (the same again for
+    activation gradients; a trained-whole model also needs weight gradients, 2 more); the policy's
+    output layer only at response positions."""
+    body = models["params"] - models["embedding_params"]
+    per_token = 4 if mode == "lora" else 6
+    tokens, response = r["update_tokens"], r["response_tokens"]
+    head = per_token * models["embedding_params"] * response  # tied: the lm_head is the embedding matrix
+    return setting["ppo_epochs"] * (2 * per_token * body * tokens + head)
 
 
 # ---------------------------------------------------------------- results
@@ -231,7 +340,6 @@ def machine_info(args):
     import torch
 
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "threads_per_process": args.threads or torch.get_num_threads(),
             "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     try:
         with open("/proc/cpuinfo") as f:
@@ -239,11 +347,14 @@ def machine_info(args):
     except (OSError, StopIteration):
         info["cpu"] = platform.processor()
     if torch.cuda.is_available():
-        info["device"] = "cuda"
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["dtype"] = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        info["device"], info["gpu"] = "cuda", torch.cuda.get_device_name(0)
     else:
-        info["device"], info["dtype"] = "cpu", "float32"
+        info["device"] = "cpu"
+    try:
+        with open("/proc/meminfo") as f:
+            info["memory_gb"] = int(f.readline().split()[1]) / 2 ** 20
+    except (OSError, ValueError, IndexError):
+        pass
     return info
 
 
@@ -251,7 +362,7 @@ def versions():
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "nanorlhf"):
+    for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "nanorlhf-pipeline"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -273,54 +384,53 @@ def fmt(x, digits=2):
 
 
 def write_markdown(results, path):
-    m, v, w = results["machine"], results["versions"], results["workload"]
+    m, v = results["machine"], results["versions"]
     gpu = f" ({m['gpu']})" if m.get("gpu") else ""
-    lines = [
-        f"# nanorlhf vs TRL: PPO benchmark ({results['date']}, {results['total_s']:.0f} s)", "",
-        f"Machine: {m['cpu']}, {m['cpu_count']} cores, {m['threads_per_process']} thread(s) per process; "
-        f"device {m['device']}{gpu}, {m['dtype']}; load average {fmt(m['load_average_at_start'])} at the "
-        f"start, {fmt(m.get('load_average_at_end'))} at the end.",
-        f"Versions: torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, trl {v['trl']}, "
-        f"nanorlhf {v['nanorlhf']} ({v['nanorlhf_commit']}).",
-        f"Workload: {w['batch_size']} prompts x {w['response_length']} response tokens (fixed) per "
-        f"iteration, {w['ppo_epochs']} PPO epochs x {w['num_mini_batches']} minibatches, critic + GAE; "
-        f"per run {w['num_updates'] - 1} timed iteration(s) after a warm-up, {w['rounds']} run(s) per "
-        "side, in alternating order. Same models, prompts and settings on both sides. Seconds are "
-        + ("CPU seconds of the process (one thread: what the wall clock reads on an idle machine)."
-           if w["clock"] == "cpu" else "wall-clock seconds."),
-        "", "## PPO iteration: seconds per iteration, mean (best); ratios > 1 favour nanorlhf", "",
-        "| model | finetuning | side | iteration | rollout | score+ref+values | update | rollout tok/s "
-        "| peak MB | TRL/nanorlhf time | TRL/nanorlhf peak |",
-        "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for config, nano in results["nanorlhf"].items():
-        size, mode = config.split("/")
-        label = f"{size} ({results['models'][size]['params'] / 1e6:.1f}M)"
-        ratio = results["ratios"].get(config, {})
-        for side, r in (("nanorlhf", nano), ("TRL", results["trl"].get(config, {}))):
-            if "error" in r or not r:
-                lines.append(f"| {label} | {mode} | {side} | {r.get('error', 'not run')} |||||||")
+    lines = [f"# nanorlhf vs TRL: PPO benchmark ({results['date']}, {results['total_s']:.0f} s)", "",
+             f"Machine: {m['cpu']}, {m['cpu_count']} cores, {fmt(m.get('memory_gb'), 0)} GB; "
+             f"device {m['device']}{gpu}; load average {fmt(m['load_average_at_start'])} at the start, "
+             f"{fmt(m.get('load_average_at_end'))} at the end.",
+             f"Versions: torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, trl {v['trl']}, "
+             f"nanorlhf {v['nanorlhf-pipeline']} ({v['nanorlhf_commit']}).", ""]
+    for threads, mach in sorted(results["machine_limits"].items()):
+        if "error" not in mach:
+            lines.append(f"Measured limits with {threads} thread(s): matmul "
+                         f"{mach['matmul_gflops_float32']:.0f} GFLOP/s fp32, "
+                         f"{mach['matmul_gflops_bfloat16']:.0f} GFLOP/s bf16; memory read "
+                         f"{mach['read_gb_s']:.1f} GB/s, copy {mach['copy_gb_s']:.1f} GB/s.")
+    for size, sized in results["sizes"].items():
+        s, model = sized["setting"], results["models"][size]
+        lines += ["", f"## {size} ({model['params'] / 1e6:.0f}M parameters): {s['workload_text']}", "",
+                  "| configuration | side | iteration s | rollout | score+ref+values | update | response tokens "
+                  "| rollout tok/s | working set MB (anon + mapped) | loading peak MB | update GFLOP/s (% of peak) "
+                  "| decode step vs bandwidth limit |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in sized["runs"].items():
+            side = name.split(": ")[0]
+            if "error" in r:
+                lines.append(f"| {name.split(': ', 1)[1]} | {side} | {r['error']} |||||||||")
                 continue
-            compare = (f"**{fmt(ratio.get('speedup'))}x** ({fmt(ratio.get('speedup_best_iteration'))}x) | "
-                       f"**{fmt(ratio.get('peak_ratio'))}x** |") if side == "TRL" and ratio else " | |"
-            lines.append(f"| {label} | {mode} | {side} | {fmt(r['ppo_iter_s'])} "
-                         f"({fmt(r['ppo_iter_min_s'])}) | {fmt(r['rollout_s'])} | {fmt(r['score_s'])} | "
-                         f"{fmt(r['update_s'])} | {fmt(r['rollout_tok_s'], 0)} | {fmt(r['peak_mb'], 0)} | "
-                         + compare)
-    if m["device"] == "cpu":
-        base = results.get("import_baseline_rss_mb", {})
-        lines += ["", f"Peak on CPU = the process's max RSS, imports included (importing alone: "
-                  f"{fmt(base.get('nanorlhf'), 0)} MB for nanorlhf, {fmt(base.get('trl'), 0)} MB for TRL)."]
-    lines += ["", "## Sampling: nanorlhf.rollout.generate vs transformers' model.generate, tokens/s median "
-              "(best)", "",
-              "| model | batch x tokens | nanorlhf | transformers | ratio |", "|---|---|---|---|---|"]
-    for size, g in results["generate"].items():
-        if "error" in g:
-            lines.append(f"| {size} | {g['error']} ||||")
-            continue
-        lines.append(f"| {size} | {g['batch']} x {g['response_length']} | {fmt(g['nanorlhf_tok_s'], 0)} "
-                     f"({fmt(g['nanorlhf_best_tok_s'], 0)}) | {fmt(g['transformers_tok_s'], 0)} "
-                     f"({fmt(g['transformers_best_tok_s'], 0)}) | **{fmt(g['ratio'])}x** "
-                     f"({fmt(g['ratio_best'])}x) |")
+            ws = (f"{fmt(r.get('working_set_mb'), 0)} ({fmt(r.get('working_set_anon_mb'), 0)} + "
+                  f"{fmt(r.get('working_set_mapped_mb'), 0)})" if "working_set_mb" in r else fmt(r.get("peak_mb"), 0))
+            gf = (f"{r['update_gflops']:.0f} ({100 * r['update_peak_share']:.0f}%)" if "update_gflops" in r else "-")
+            bw = f"{r['decode_vs_bandwidth']:.2f}x" if "decode_vs_bandwidth" in r else "-"
+            lines.append(f"| {name.split(': ', 1)[1]} | {side} | {fmt(r['ppo_iter_s'])} ({fmt(r['ppo_iter_min_s'])}) "
+                         f"| {fmt(r['rollout_s'])} | {fmt(r['score_s'])} | {fmt(r['update_s'])} "
+                         f"| {fmt(r['response_tokens'], 0)} | {fmt(r['rollout_tok_s'], 0)} | {ws} "
+                         f"| {fmt(r.get('loading_peak_mb'), 0)} | {gf} | {bw} |")
+        if sized["ratios"]:
+            lines += ["", "TRL / nanorlhf (> 1 favours nanorlhf): " + "; ".join(
+                f"{k}: time {fmt(x['speedup'])}x, memory {fmt(x['memory_ratio'])}x"
+                for k, x in sized["ratios"].items())]
+        g = sized.get("generate")
+        if g and "error" not in g:
+            lines += ["", f"Sampling, {g['batch']} x {g['response_length']} tokens: nanorlhf.rollout.generate "
+                      f"{g['nanorlhf_tok_s']:.0f} tok/s, transformers' generate {g['transformers_tok_s']:.0f} tok/s "
+                      f"(**{g['ratio']:.2f}x**, median of {g['repeats']})."]
+    if results.get("import_baseline_rss_mb"):
+        base = results["import_baseline_rss_mb"]
+        lines += ["", f"Importing alone takes {fmt(base.get('nanorlhf'), 0)} MB (nanorlhf) and "
+                  f"{fmt(base.get('trl'), 0)} MB (TRL) of the working sets above."]
     lines += ["", "## Targets", ""]
     for name, t in results["targets"].items():
         lines.append(f"- {name}: {'met' if t['met'] else 'NOT met'} ({t['detail']})")
@@ -329,19 +439,30 @@ def write_markdown(results, path):
 
 
 def targets(results):
-    def detail(ratios):
-        return ", ".join(f"{c} {fmt(x)}x" for c, x in ratios.items()) or "TRL did not run"
+    def check(values, ok):
+        shown = ", ".join(f"{k} {fmt(x)}" for k, x in values.items()) or "not measured"
+        return {"met": bool(values) and all(x is not None and ok(x) for x in values.values()), "detail": shown}
 
-    def check(ratios, ok):
-        return {"met": bool(ratios) and all(x is not None and ok(x) for x in ratios.values()),
-                "detail": detail(ratios)}
-
-    speed = {c: r["speedup"] for c, r in results["ratios"].items()}
-    peaks = {c: r["peak_ratio"] for c, r in results["ratios"].items()}
-    gen = {s: g.get("ratio") for s, g in results["generate"].items()}
-    return {"PPO iteration >= 1.5x faster than TRL": check(speed, lambda x: x >= 1.5),
-            "lower peak memory than TRL": check(peaks, lambda x: x > 1.0),
-            "rollout tokens/s >= transformers' generate": check(gen, lambda x: x >= 1.0)}
+    out = {}
+    big = results["sizes"].get("qwen0.5b")
+    if big:
+        ratios = big["ratios"]
+        out["memory at 0.5B <= 0.4x TRL's standard setup (same dtype, both checkpointing)"] = check(
+            {k: 1 / x["memory_ratio"] for k, x in ratios.items()
+             if k.startswith("one base, fp32, checkpointing vs") and "standard" in k}, lambda x: x <= 0.4)
+        out["iteration >= 1.5x faster than TRL at 0.5B, realistic workload, same dtype and checkpointing"] = check(
+            {k: x["speedup"] for k, x in ratios.items()
+             if k.startswith("one base, fp32 vs TRL LoRA") or k.startswith("one base, fp32, checkpointing vs TRL st")},
+            lambda x: x >= 1.5)
+        ours = {k: r for k, r in big["runs"].items() if k.startswith("nanorlhf") and "error" not in r}
+        out["sampling within 1.3x of the memory-bandwidth limit"] = check(
+            {k: r["decode_vs_bandwidth"] for k, r in ours.items() if "decode_vs_bandwidth" in r}, lambda x: x <= 1.3)
+        out["update at >= 50% of the dtype's matmul peak"] = check(
+            {k: r["update_peak_share"] for k, r in ours.items() if "update_peak_share" in r}, lambda x: x >= 0.5)
+    small = {f"{size} {k}": x["speedup"] for size, sized in results["sizes"].items() if size != "qwen0.5b"
+             for k, x in sized["ratios"].items()}
+    out["tiny/small, fixed workload: iteration faster than TRL"] = check(small, lambda x: x > 1.0)
+    return out
 
 
 def main():
@@ -350,58 +471,87 @@ def main():
     sys.path.insert(0, ROOT)
     os.makedirs(args.work_dir, exist_ok=True)
     os.makedirs(args.results_dir, exist_ok=True)
-    if args.threads > 0:
-        os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    if args.clock == "auto":
-        import torch
+    import torch
 
+    if args.clock == "auto":
         args.clock = "cpu" if args.threads == 1 and not torch.cuda.is_available() else "wall"
-    names = ("batch_size", "response_length", "num_mini_batches", "ppo_epochs", "num_updates", "rounds",
-             "clock")
-    workload = {k: getattr(args, k) for k in names}
-    workload.update(temperature=0.7, lora_rank=8, lora_alpha=16, lora_target="all linear layers",
-                    kl_coef=0.05, missing_eos_penalty=1.0, max_grad_norm=0, gradient_checkpointing=False)
     results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_info(args),
-               "versions": versions(), "workload": workload, "models": {},
-               "nanorlhf": {}, "trl": {}, "ratios": {}, "generate": {}}
-    modes = [m for m in args.modes.split(",") if m]
+               "versions": versions(), "models": {}, "sizes": {}, "machine_limits": {}}
     flip = False
     for size in [s for s in args.sizes.split(",") if s]:
+        big = size == "qwen0.5b"
+        setting = {"threads": args.big_threads if big else args.threads, "clock": "wall" if big else args.clock,
+                   "batch_size": args.big_batch_size if big else args.batch_size,
+                   "num_updates": args.big_num_updates if big else args.num_updates,
+                   "ppo_epochs": 1 if big else args.ppo_epochs, "num_mini_batches": 1 if big else args.num_mini_batches,
+                   "response_length": 4 * args.mean_response if big else args.response_length}
+        if setting["threads"] not in results["machine_limits"]:
+            results["machine_limits"][setting["threads"]] = run_machine(setting["threads"], args.work_dir)
         work = os.path.join(args.work_dir, size)
         shutil.rmtree(work, ignore_errors=True)  # every run starts from scratch
         os.makedirs(work)
         models = build_models(size, args, work)
-        results["models"][size] = {k: models[k] for k in ("params", "prompt_tokens", "vocab_size")}
-        for mode in modes:
-            config = f"{size}/{mode}"
-            sides = [("nanorlhf", run_nanorlhf)] + ([] if args.no_trl else [("trl", run_trl)])
-            runs = {side: [] for side, _ in sides}
-            for round_ in range(1, args.rounds + 1):
-                for side, fn in (sides[::-1] if flip else sides):  # alternate who goes first
-                    r = fn(args, models, mode, work, round_)
-                    runs[side].append(r)
-                    log(f"{config} {side} (round {round_}): " + (r["error"] if "error" in r else
-                        " ".join(f"{it['iter_s']:.2f}" for it in r["iterations"]) + " s/iteration"))
-                flip = not flip
-            for side, side_runs in runs.items():
-                errors = [r["error"] for r in side_runs if "error" in r]
-                results[side][config] = {"error": errors[0]} if errors else summarize(side_runs)
-            nano, trl = results["nanorlhf"][config], results["trl"].get(config, {})
-            if "ppo_iter_s" in nano and "ppo_iter_s" in trl:
-                results["ratios"][config] = {
-                    "speedup": trl["ppo_iter_s"] / nano["ppo_iter_s"],
-                    "speedup_best_iteration": trl["ppo_iter_min_s"] / nano["ppo_iter_min_s"],
-                    "peak_ratio": trl["peak_mb"] / nano["peak_mb"]}
-        results["generate"][size] = g = run_generate(args, models, work)
-        log(f"{size} generate: " + (g["error"] if "error" in g else
-            f"nanorlhf {g['nanorlhf_tok_s']:.0f} tok/s, transformers {g['transformers_tok_s']:.0f} tok/s"))
+        for workload in ("fixed", "realistic"):
+            models[f"prompt_lengths_{workload}"] = write_prompts(models, workload, setting["batch_size"],
+                                                                 os.path.join(work, f"prompts_{workload}.jsonl"))
+            models[f"prompts_{workload}"] = os.path.join(work, f"prompts_{workload}.jsonl")
+        results["models"][size] = {k: models[k] for k in ("params", "embedding_params", "vocab_size")}
+        specs = [spec for spec in configurations(size, args) if not (args.no_trl and spec[1] == "trl")
+                 and (not args.configs or any(w in f"{spec[1]} {spec[0]}" for w in args.configs.split("|")))]
+        workload = specs[0][4]
+        setting["workload_text"] = (
+            f"{setting['batch_size']} prompts of {models[f'prompt_lengths_{workload}'][0]} tokens, every response "
+            f"{setting['response_length']} tokens" if workload == "fixed" else
+            f"{setting['batch_size']} prompts of {min(models['prompt_lengths_realistic'])}-"
+            f"{max(models['prompt_lengths_realistic'])} tokens, responses ending after {args.mean_response} tokens "
+            f"on average (at most {setting['response_length']})")
+        setting["workload_text"] += (
+            f"; {setting['ppo_epochs']} PPO epoch(s) x {setting['num_mini_batches']} minibatch(es), critic + GAE; "
+            f"{setting['num_updates'] - 1} timed iteration(s) after a warm-up; {setting['threads']} thread(s), "
+            f"{setting['clock']}-clock seconds")
+        sized = {"setting": setting, "runs": {}, "ratios": {}}
+        runs = {}
+        for round_ in range(1, args.rounds + 1):
+            for spec in (specs[::-1] if flip else specs):  # alternate who goes first
+                r = run_side(args, models, spec, work, round_, setting)
+                runs.setdefault(f"{spec[1]}: {spec[0]}", []).append(r)
+                log(f"{size} {spec[1]} {spec[0]} (round {round_}): " + (r["error"] if "error" in r else
+                    " ".join(f"{it['iter_s']:.2f}" for it in r["iterations"]) + " s/iteration"))
+            flip = not flip
+        limits = results["machine_limits"][setting["threads"]]
+        for (name, side_runs), spec in zip(runs.items(), specs):
+            errors = [r for r in side_runs if "error" in r]
+            if errors:
+                sized["runs"][name] = {"error": errors[0]["error"], **(errors[0].get("peak") or {})}
+                continue
+            r = sized["runs"][name] = summarize(side_runs)
+            if spec[1] == "nanorlhf" and "update_tokens" in r and "error" not in limits:
+                peak = limits["matmul_gflops_bfloat16" if spec[3] == "bf16" else "matmul_gflops_float32"]
+                r["update_gflops"] = update_flops(r, models, setting, spec[2]) / r["update_s"] / 1e9
+                r["update_peak_share"] = r["update_gflops"] / peak
+                bytes_per_step = models["params"] * (2 if spec[3] == "bf16" else 4)  # every weight read once
+                r["decode_step_s"] = r["rollout_s"] / r["decode_steps"]
+                r["decode_vs_bandwidth"] = r["decode_step_s"] / (bytes_per_step / (limits["read_gb_s"] * 1e9))
+        for name, r in sized["runs"].items():
+            if not name.startswith("trl") or "error" in r:
+                continue
+            for other, ours in sized["runs"].items():
+                if other.startswith("nanorlhf") and "error" not in ours:
+                    key = f"{other.split(': ')[1]} vs TRL {name.split(': ')[1]}"
+                    if size != "qwen0.5b" and other.split(": ")[1] != name.split(": ")[1]:
+                        continue  # tiny/small: LoRA against LoRA, full against full
+                    sized["ratios"][key] = {"speedup": r["ppo_iter_s"] / ours["ppo_iter_s"],
+                                            "memory_ratio": r["peak_mb"] / ours["peak_mb"]}
+        sized["generate"] = run_generate(args, models, work, setting) if not big else None
+        results["sizes"][size] = sized
+        del models["tokenizer"]
     if results["machine"]["device"] == "cpu":
         results["import_baseline_rss_mb"] = import_baseline(args, args.work_dir)
     results["targets"] = targets(results)
     results["total_s"] = time.perf_counter() - start
     results["machine"]["load_average_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     with open(os.path.join(args.results_dir, "latest.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump(results, f, indent=1, default=str)
     write_markdown(results, os.path.join(args.results_dir, "latest.md"))
     log(f"done in {results['total_s']:.0f} s: {os.path.join(args.results_dir, 'latest.md')}")
     with open(os.path.join(args.results_dir, "latest.md")) as f:

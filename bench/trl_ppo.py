@@ -47,6 +47,9 @@ def parse_args():
     p.add_argument("--lora_rank", type=int, default=8)
     p.add_argument("--lora_alpha", type=float, default=16.0)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--setup", default="matched", choices=["matched", "standard"], help="matched: the workload and "
+                   "memory choices of train_ppo.py (above); standard: TRL's own PPO setup, the policy and the value "
+                   "model trained whole with PPOConfig's defaults (gradient checkpointing...)")
     return p.parse_args()
 
 
@@ -56,7 +59,7 @@ def lora_targets(model):
                    if isinstance(m, nn.Linear) and name.rpartition(".")[2] not in ("lm_head", "score")})
 
 
-def install_timers(ppo_module, timings):
+def install_timers(ppo_module, timings, marker=None):
     """Wrap the module-level functions PPOTrainer.train calls, to time its phases."""
     batch_generation, forward = ppo_module.batch_generation, ppo_module.forward
     wrapper_cls = ppo_module.PolicyAndValueWrapper
@@ -87,6 +90,8 @@ def install_timers(ppo_module, timings):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             now, it = time.perf_counter(), state["iteration"]
+            if not timings and marker:  # bench/peak.py: loading and the first iteration are over
+                open(marker, "w").close()
             timings.append({
                 "iter_s": now - state["last_end"],
                 "rollout_s": it["rollout_end"] - it["start"],
@@ -119,6 +124,8 @@ def main():
     reward_model = load(args.rm, AutoModelForSequenceClassification, num_labels=1)
     value_model = load(args.rm, AutoModelForSequenceClassification, num_labels=1)
     ref_model, peft_config = None, None
+    if args.setup == "standard":  # TRL's PPO example: four models, policy and value model trained whole
+        args.finetuning_type = "full"
     if args.finetuning_type == "lora":
         lora = {"r": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_dropout": 0.0,
                 "target_modules": lora_targets(policy)}
@@ -131,23 +138,29 @@ def main():
     else:
         ref_model = load(args.sft, AutoModelForCausalLM)
 
-    config = PPOConfig(
+    workload = dict(  # the same work on both sides, whatever the setup
         output_dir=args.output_dir, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-        seed=args.seed, learning_rate=args.learning_rate, lr_scheduler_type="constant", optim="adamw_torch",
-        adam_epsilon=1e-5, weight_decay=0.0, bf16=False, fp16=False, gradient_checkpointing=False,
-        use_cpu=device.type == "cpu",
+        seed=args.seed, learning_rate=args.learning_rate, use_cpu=device.type == "cpu",
         total_episodes=args.num_updates * args.batch_size,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
         local_rollout_forward_batch_size=args.batch_size, num_mini_batches=args.num_mini_batches,
         num_ppo_epochs=args.ppo_epochs, response_length=args.response_length, temperature=args.temperature,
-        stop_token="eos", missing_eos_penalty=1.0, num_sample_generations=0,
-        kl_coef=0.05, kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95,
-        whiten_rewards=False,
+        stop_token="eos", missing_eos_penalty=1.0, num_sample_generations=0, kl_coef=0.05,
     )
+    if args.setup == "standard":  # everything else as PPOConfig has it (on a CPU: fp32, no autocast)
+        config = PPOConfig(**workload, bf16=False, fp16=False)
+    else:
+        config = PPOConfig(
+            **workload, lr_scheduler_type="constant", optim="adamw_torch", adam_epsilon=1e-5, weight_decay=0.0,
+            bf16=False, fp16=False, gradient_checkpointing=False,
+            kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95,
+            whiten_rewards=False,
+        )
     timings = []
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref_model,
                          reward_model=reward_model, value_model=value_model, train_dataset=dataset,
-                         peft_config=peft_config, callbacks=[install_timers(ppo_module, timings)])
+                         peft_config=peft_config,
+                         callbacks=[install_timers(ppo_module, timings, args.timings + ".first")])
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     tu.info(f"TRL PPOTrainer: {len(prompts)} prompts, {args.num_updates} iterations, "
             f"{trainable:,} trainable parameters")
