@@ -8,8 +8,9 @@ that side's alone:
   - rss_mb: the process's maximum resident set size (getrusage), loading included;
   - on Linux, sampled from /proc/self/status every 50 ms: the anonymous memory (the process's own
     tensors) and the file pages it maps (a safetensors checkpoint read by mmap), as the working set
-    during training (the largest anon + file after BENCH_MARKER appears: the first iteration is
-    done, so loading is over) and as loading's transient peak (the largest before);
+    during training (the largest anon + file after BENCH_MARKER appears: the models are loaded) and
+    as loading's transient peak (the largest before). ru_maxrss is kept too, but a child inherits
+    its parent's at exec on Linux, so it overstates a process started by a big one;
   - on CUDA, the most GPU memory PyTorch ever had allocated.
 A watchdog stops the run (exit 137, "memory" in the JSON) before the machine runs out of memory.
 

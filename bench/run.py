@@ -208,7 +208,7 @@ def configurations(size, args):
             ("one base, fp32, checkpointing", "nanorlhf", "lora", "fp32", "realistic", "checkpointing"),
             ("one base, bf16 base, checkpointing", "nanorlhf", "lora", "bf16", "realistic", "checkpointing"),
             ("LoRA matched, fp32", "trl", "lora", "fp32", "realistic", "matched"),
-            ("standard (full, its defaults: checkpointing), fp32", "trl", "full", "fp32", "realistic", "standard")]
+            ("standard (full, its defaults, checkpointing), fp32", "trl", "full", "fp32", "realistic", "standard")]
 
 
 def summarize(runs):
@@ -256,7 +256,7 @@ def run_side(args, models, spec, work, round_, setting):
         cmd = ["train_ppo.py", *flags, "--rm", rm, "--output_dir", out_dir, "--logging_steps", "1",
                "--max_grad_norm", "0", "--save_steps", "0", "--kl_coef", "0.05", "--missing_eos_penalty", "1.0",
                "--dtype", dtype] + (["--gradient_checkpointing"] if extra == "checkpointing" else [])
-        env["BENCH_MARKER"] = os.path.join(out_dir, "metrics.jsonl")  # the first iteration is logged: loading is over
+        env["BENCH_MARKER"] = out_dir  # train_ppo.py creates its output dir once the models are loaded
         ok, wall, peak, tail = run(cmd, out_dir + ".log", env, out_dir + ".peak.json")
         if not ok:
             return {"error": "train_ppo.py failed: " + " | ".join(tail), "peak": peak}
@@ -278,7 +278,7 @@ def run_side(args, models, spec, work, round_, setting):
         return {"error": f"needs trl==1.12.0 (the last release with PPOTrainer), found {trl_version}"}
     cmd = [os.path.join(BENCH, "trl_ppo.py"), *flags, "--rm", models["rm"], "--output_dir", out_dir,
            "--timings", out_dir + ".timings.json", "--setup", extra]
-    env["BENCH_MARKER"] = out_dir + ".timings.json.first"
+    env["BENCH_MARKER"] = out_dir + ".timings.json.loaded"  # written when training begins
     ok, wall, peak, tail = run(cmd, out_dir + ".log", env, out_dir + ".peak.json")
     if not ok:
         why = (peak or {}).get("memory") or "TRL PPOTrainer failed: " + " | ".join(tail)
@@ -299,7 +299,7 @@ def import_baseline(args, work):
         with open(script, "w") as f:
             f.write(f"import sys; sys.path.insert(0, {ROOT!r})\n{code}\n")
         ok, _, peak, _ = run([script], script + ".log", child_env(args.threads, "wall"), script + ".peak.json")
-        baseline[side] = peak["rss_mb"] if ok and peak else None
+        baseline[side] = peak.get("loading_peak_mb") if ok and peak else None  # sampled: not the parent's RSS
     return baseline
 
 
@@ -519,7 +519,9 @@ def main():
                     " ".join(f"{it['iter_s']:.2f}" for it in r["iterations"]) + " s/iteration"))
             flip = not flip
         limits = results["machine_limits"][setting["threads"]]
-        for (name, side_runs), spec in zip(runs.items(), specs):
+        by_name = {f"{spec[1]}: {spec[0]}": spec for spec in specs}
+        for name, side_runs in runs.items():
+            spec = by_name[name]
             errors = [r for r in side_runs if "error" in r]
             if errors:
                 sized["runs"][name] = {"error": errors[0]["error"], **(errors[0].get("peak") or {})}

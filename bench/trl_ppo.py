@@ -85,13 +85,13 @@ def install_timers(ppo_module, timings, marker=None):
     class StepTimer(TrainerCallback):
         def on_train_begin(self, args, state_, control, **kwargs):
             state["last_end"] = time.perf_counter()
+            if marker:  # bench/peak.py: the models are loaded, training begins
+                open(marker, "w").close()
 
         def on_step_end(self, args, state_, control, **kwargs):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             now, it = time.perf_counter(), state["iteration"]
-            if not timings and marker:  # bench/peak.py: loading and the first iteration are over
-                open(marker, "w").close()
             timings.append({
                 "iter_s": now - state["last_end"],
                 "rollout_s": it["rollout_end"] - it["start"],
@@ -160,7 +160,7 @@ def main():
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref_model,
                          reward_model=reward_model, value_model=value_model, train_dataset=dataset,
                          peft_config=peft_config,
-                         callbacks=[install_timers(ppo_module, timings, args.timings + ".first")])
+                         callbacks=[install_timers(ppo_module, timings, args.timings + ".loaded")])
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     tu.info(f"TRL PPOTrainer: {len(prompts)} prompts, {args.num_updates} iterations, "
             f"{trainable:,} trainable parameters")
