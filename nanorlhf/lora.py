@@ -178,17 +178,22 @@ def active_adapter(model):
 
 
 @contextlib.contextmanager
-def use_adapter(model, adapter):
-    """Inside this block the model's LoRA layers apply `adapter` (e.g. PPO's "reward" on the shared base)."""
+def _set_on_layers(model, attribute, value):
+    """Set `attribute` on every LoRA layer inside the block; put back what each had after it."""
     layers = [layer for _, layer in _lora_layers(model)]
-    previous = [layer.active for layer in layers]
+    previous = [getattr(layer, attribute) for layer in layers]
     for layer in layers:
-        layer.active = adapter
+        setattr(layer, attribute, value)
     try:
         yield model
     finally:
-        for layer, name in zip(layers, previous):
-            layer.active = name
+        for layer, old in zip(layers, previous):
+            setattr(layer, attribute, old)
+
+
+def use_adapter(model, adapter):
+    """Inside this block the model's LoRA layers apply `adapter` (e.g. PPO's "reward" on the shared base)."""
+    return _set_on_layers(model, "active", adapter)
 
 
 def lora_state_dict(model, adapter=None):
@@ -339,18 +344,9 @@ def read_adapter_tensors(adapter_dir, names):
             if k.startswith(PEFT_PREFIX) and _matches(k[len(PEFT_PREFIX):].rpartition(".")[0], names)}
 
 
-@contextlib.contextmanager
 def disable_adapters(model):
     """Inside this block the model computes its base weights alone (W x), e.g. PPO's reference policy."""
-    layers = [layer for _, layer in _lora_layers(model)]
-    previous = [layer.disabled for layer in layers]
-    for layer in layers:
-        layer.disabled = True
-    try:
-        yield model
-    finally:
-        for layer, flag in zip(layers, previous):
-            layer.disabled = flag
+    return _set_on_layers(model, "disabled", True)
 
 
 def count_parameters(model):
