@@ -15,9 +15,11 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from nanorlhf import train_utils as tu
 from nanorlhf.errors import UserError, run_main
+from nanorlhf.files import atomic_save
+from nanorlhf.loading import check_model_dir, load_model, load_tokenizer
 from nanorlhf.lora import load_adapter, merge_lora
+from nanorlhf.metrics import info
 
 
 def main():
@@ -46,11 +48,11 @@ def main():
         cls, kwargs = AutoModelForCausalLM, {}
 
     # Merge in float32 (exact enough to match PEFT), then save in the requested dtype.
-    tu.check_model_dir(args.base, "--base")  # fix: a wrong --base was reported as a wrong "--model"
+    check_model_dir(args.base, "--base")  # fix: a wrong --base was reported as a wrong "--model"
     # The adapter's tokenizer (its pad, a <pad> row the base must grow) is the one the adapter was trained with.
     tokenizer_dir = args.adapter if os.path.isfile(os.path.join(args.adapter, "tokenizer_config.json")) else args.base
-    tokenizer = tu.load_tokenizer(tokenizer_dir, args.trust_remote_code)
-    model = tu.load_model(args.base, cls, torch.device("cpu"), torch.float32, args.trust_remote_code,
+    tokenizer = load_tokenizer(tokenizer_dir, args.trust_remote_code)
+    model = load_model(args.base, cls, torch.device("cpu"), torch.float32, args.trust_remote_code,
                           tokenizer=tokenizer, **kwargs)
     dtype = model.config.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
@@ -73,8 +75,8 @@ def main():
         tokenizer.save_pretrained(out_dir)
 
     os.makedirs(args.output_dir, exist_ok=True)
-    tu.atomic_save(args.output_dir, write)
-    tu.info(f"merged {args.adapter} into {args.base} -> {os.path.abspath(args.output_dir)}")
+    atomic_save(args.output_dir, write)
+    info(f"merged {args.adapter} into {args.base} -> {os.path.abspath(args.output_dir)}")
 
 
 if __name__ == "__main__":

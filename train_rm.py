@@ -25,15 +25,19 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from nanorlhf import distributed as dist
-from nanorlhf import train_utils as tu
-from nanorlhf.data import encode_answer, read_records, to_pair
+from nanorlhf.args import BaseArgs, parse_args, start
+from nanorlhf.checkpoint import Run, load_weights, save_model
+from nanorlhf.data import encode_answer, pad_with_mask, read_records, to_pair
 from nanorlhf.errors import UserError, run_main
+from nanorlhf.loading import check_model_dir, describe, load_tokenizer, setup_model
+from nanorlhf.metrics import check_finite, info
 from nanorlhf.rm import (CONFIG_FILE, SCORE_BIAS, Scorer, collate_pairs, init_head, normalize_head, pair_stats,
                          pairwise_loss, score, score_pairs)
+from nanorlhf.training import optimizer_and_schedule, optimizer_step
 
 
 @dataclasses.dataclass
-class Args(tu.BaseArgs):
+class Args(BaseArgs):
     """Reward model (RM) training on preference pairs; N pairs are one forward of 2N sequences."""
     eval_steps: int = dataclasses.field(default=50, metadata={"help": "eval every N steps and at the end"})
     val_size: float = dataclasses.field(default=0.1, metadata={
@@ -69,10 +73,10 @@ def load_pairs(tokenizer, paths, max_length, margin_field=""):
             continue
         pairs.append((chosen_ids, rejected_ids, float(margin)))
     if same:
-        tu.info(f"warning: {len(same)} pairs with chosen == rejected were dropped, they prefer nothing "
+        info(f"warning: {len(same)} pairs with chosen == rejected were dropped, they prefer nothing "
                 f"(first at {same[0]})")
     if too_long:
-        tu.info(f"warning: {too_long} pairs longer than --max_length {max_length} tokens were dropped")
+        info(f"warning: {too_long} pairs longer than --max_length {max_length} tokens were dropped")
     if not pairs:
         raise UserError(f"{paths}: no usable preference pair")
     return pairs
@@ -109,26 +113,21 @@ def chosen_scores(model, pairs, batch_size, pad_id, device):
     model.eval()
     scores = []
     for i in range(0, len(pairs), batch_size):
-        ids = [p[0] for p in pairs[i:i + batch_size]]
-        width = max(len(s) for s in ids)
-        input_ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in ids], device=device)
-        attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids], device=device)
-        scores.append(score(model, input_ids, attention_mask))
+        input_ids, attention_mask = pad_with_mask([p[0] for p in pairs[i:i + batch_size]], pad_id)
+        scores.append(score(model, input_ids.to(device), attention_mask.to(device)))
     model.train()
     return torch.cat(scores)
 
 
 def main():
-    args = tu.parse_args(Args)
+    args = parse_args(Args)
     if not 0 <= args.val_size < 1:
         raise UserError(f"--val_size must be in [0, 1), got {args.val_size}")
-    world = dist.setup(args.device)  # under torchrun: join the other processes; else nothing
-    device, dtype = tu.pick_device(world.device, args.dtype)
-    tu.set_seed(args.seed)
+    world, device, dtype = start(args)  # under torchrun: join the other processes; device, dtype, seed
 
     # ---- tokenizer and data first: bad input fails before anything is loaded or written
-    tu.check_model_dir(args.model)
-    tokenizer = tu.load_tokenizer(args.model, args.trust_remote_code)  # pad distinct from the end of turn
+    check_model_dir(args.model)
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)  # pad distinct from the end of turn
     pad_id = tokenizer.pad_token_id
     train = load_pairs(tokenizer, args.data, args.max_length, args.margin_field)
     if args.eval_data:
@@ -139,49 +138,35 @@ def main():
         evals = []
 
     # ---- model: the SFT model's backbone plus a fresh scalar head; LoRA on the backbone, or all of it
-    model = tu.setup_model(args, AutoModelForSequenceClassification, device, dtype, tokenizer, lora_exclude=["score"],
+    model = setup_model(args, AutoModelForSequenceClassification, device, dtype, tokenizer, lora_exclude=["score"],
                            num_labels=1)
     if not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
         init_head(model)  # a causal LM has no head yet (a reward model being trained further keeps its own)
-        tu.info("score head: new, initialised N(0, 1/sqrt(d+1))")
+        info("score head: new, initialised N(0, 1/sqrt(d+1))")
     lora = args.finetuning_type == "lora"
     if lora:
         model.score.requires_grad_(True)  # the head is new: trained whole, saved as modules_to_save
-    tu.info(f"{len(train)} training pairs, {len(evals)} evaluation pairs; {tu.describe(model)}")
-    tu.prepare_output_dir(args.output_dir, args.resume, args.overwrite_output_dir)
+    info(f"{len(train)} training pairs, {len(evals)} evaluation pairs; {describe(model)}")
 
     def save_weights(out_dir):
-        tu.save_model(model, tokenizer, out_dir, lora, base_path=os.path.abspath(args.model),
-                      task_type="SEQ_CLS", modules_to_save=["score"])
+        save_model(model, tokenizer, out_dir, lora, base_path=os.path.abspath(args.model),
+                   task_type="SEQ_CLS", modules_to_save=["score"])
         if lora and hasattr(model.config, SCORE_BIAS):  # merge_lora.py carries it into config.json
             with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
                 json.dump({SCORE_BIAS: getattr(model.config, SCORE_BIAS)}, f, indent=2)
 
-    global_batch = args.per_device_train_batch_size * world.size  # every rank takes per_device of each
-    steps = tu.total_steps(args, tu.batches_per_epoch(len(train), global_batch, world.size))
-    optimizer = tu.make_optimizer(model, args.learning_rate, args.weight_decay)
-    scheduler = tu.warmup_cosine(optimizer, steps, args.warmup_ratio)
-    state = tu.resume_from(args, model, optimizer, scheduler) if args.resume else None
-    step = state["step"] if state else 0
-
-    def checkpoint():  # `window`: the steps since the last log line, so a resumed run logs the same averages
-        tu.save_checkpoint(args.output_dir, step, save_weights,
-                           {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "window": window}, args.save_total_limit)
-
-    metrics = tu.Metrics(args.output_dir, resume_step=step, report_to=args.report_to)
-    batches = tu.micro_batches(len(train), global_batch, args.seed,
-                               skip=step * args.gradient_accumulation_steps, world_size=world.size)
+    # ---- optimiser, schedule; the run's output dir, metrics and checkpoints (resumed with --resume)
+    steps, optimizer, scheduler = optimizer_and_schedule(args, model, len(train), world.size)
+    run = Run(args, world, steps, "rm", save_weights, load_weights=lambda path: load_weights(model, path, lora),
+              optimizer=optimizer, scheduler=scheduler)
     scorer = dist.wrap(Scorer(model), world)  # score(model, ...); under torchrun DDP syncs its gradients
 
     # ---- the loop: score chosen and rejected in one forward, pairwise loss, step, log, evaluate
     model.train()
-    window = state.get("window", []) if state else []  # per-step statistics since the last log line
-    ctrl_c = tu.CtrlC()  # Ctrl-C: finish this step, save a checkpoint, stop
-    bar = dist.progress_bar(world, total=steps, initial=step, desc="rm", dynamic_ncols=True)
-    try:
-        while step < steps:
-            micro = [next(batches) for _ in range(args.gradient_accumulation_steps)]
+    window = run.trainer_state.get("window", [])  # per-step statistics since the last log line
+    global_batch = args.per_device_train_batch_size * world.size  # every rank takes per_device of each
+    with run:  # Ctrl-C: finish this step, save a checkpoint, stop
+        for step, micro in run.steps(len(train), global_batch, args.gradient_accumulation_steps):
             shares = [dist.shard(idx, world) for _, idx in micro]  # this rank's share of each micro-batch
             n_pairs = sum(len(idx) for idx in shares)
             chosen_all, rejected_all, total = [], [], 0.0
@@ -196,37 +181,29 @@ def main():
                 chosen_all.append(chosen.detach())
                 rejected_all.append(rejected.detach())
             loss = total / n_pairs
-            tu.check_finite(loss, step + 1)
-            tu.optimizer_step(model, optimizer, scheduler, args.max_grad_norm, step + 1)
-            step += 1
-            bar.update(1)
-            window.append(dist.mean_over_ranks(  # over every rank's pairs (equal shares)
-                {"loss": loss, **pair_stats(torch.cat(chosen_all), torch.cat(rejected_all))}))
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{window[-1]['accuracy']:.2f}")
+            check_finite(loss, step)
+            optimizer_step(model, optimizer, scheduler, args.max_grad_norm, step)
+            stats = dist.mean_over_ranks(  # over every rank's pairs (equal shares)
+                {"loss": loss, **pair_stats(torch.cat(chosen_all), torch.cat(rejected_all))})
+            window.append(stats)
             do_eval = evals and (step % args.eval_steps == 0 or step == steps)
             if step % args.logging_steps == 0 or step == steps or do_eval:
                 row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
                 row.update(lr=scheduler.get_last_lr()[0], epoch=micro[-1][0])
                 if do_eval:
                     row.update(evaluate(model, evals, args.per_device_train_batch_size, pad_id, device))
-                    tu.info(f"step {step}: eval/loss {row['eval/loss']:.4f}, "
-                            f"eval/accuracy {row['eval/accuracy']:.4f}")
-                metrics.log(step, **row)
+                    info(f"step {step}: eval/loss {row['eval/loss']:.4f}, eval/accuracy {row['eval/accuracy']:.4f}")
+                run.metrics.log(step, **row)
                 window = []
-            ctrl_c.save_or_stop(step, steps, args.save_steps, args.output_dir, checkpoint)
-    finally:
-        ctrl_c.restore()
-    bar.close()
+            # `window` goes into a checkpoint, so that a resumed run logs the same averages
+            run.end_step(step, extra={"window": window}, loss=loss, acc=stats["accuracy"])
 
     if args.normalize_scores:
         scores = chosen_scores(model, train, args.per_device_train_batch_size, pad_id, device)
         mean, std = normalize_head(model, scores)
-        tu.info(f"--normalize_scores: training chosen scores had mean {mean:.4f}, std {std:.4f}; now 0 and 1 "
-                f"({SCORE_BIAS} = {getattr(model.config, SCORE_BIAS):.6f} in config.json)")
-    dist.check_same_weights(model)  # under torchrun: stop if the ranks ever fell out of sync
-    metrics.close()  # curves.png (with matplotlib); closes TensorBoard
-    tu.atomic_save(args.output_dir, save_weights)
-    tu.info(f"saved to {os.path.abspath(args.output_dir)}")
+        info(f"--normalize_scores: training chosen scores had mean {mean:.4f}, std {std:.4f}; now 0 and 1 "
+             f"({SCORE_BIAS} = {getattr(model.config, SCORE_BIAS):.6f} in config.json)")
+    run.finish(model)
 
 
 if __name__ == "__main__":

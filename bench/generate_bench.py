@@ -1,4 +1,4 @@
-"""Sampling speed: nanorlhf.rollout.generate against transformers' model.generate.
+"""Sampling speed: nanorlhf.sampling.generate against transformers' model.generate.
 
     python bench/generate_bench.py --model DIR --data PROMPTS --out OUT.json [--repeats 5]
 
@@ -20,9 +20,11 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from nanorlhf import train_utils as tu
+from nanorlhf.args import pick_device
 from nanorlhf.data import encode_prompt, pad, prompt_messages, read_records
-from nanorlhf.rollout import generate
+from nanorlhf.loading import load_model, load_tokenizer
+from nanorlhf.metrics import info
+from nanorlhf.sampling import generate
 
 # BENCH_CLOCK=cpu (set by bench/run.py): count this process's CPU seconds, not wall-clock ones.
 clock = time.process_time if os.environ.get("BENCH_CLOCK") == "cpu" else time.perf_counter
@@ -44,16 +46,16 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
-    device, dtype = tu.pick_device()
-    tokenizer = tu.load_tokenizer(args.model)
-    model = tu.load_model(args.model, AutoModelForCausalLM, device, dtype).eval()
+    device, dtype = pick_device()
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, AutoModelForCausalLM, device, dtype).eval()
     prompts = [encode_prompt(tokenizer, prompt_messages(r, where)) for where, r in read_records(args.data)]
     eos, pad_id, R = tokenizer.eos_token_id, tokenizer.pad_token_id, args.response_length
     input_ids = pad(prompts, pad_id, side="left").to(device)
     attention_mask = pad([[1] * len(q) for q in prompts], 0, side="left").to(device)
 
     def ours():
-        _, _, response, _ = generate(model, prompts, R, [eos], pad_id, args.temperature)
+        response = generate(model, prompts, R, [eos], pad_id, args.temperature)["response"]
         return response.numel()
 
     @torch.inference_mode()
@@ -84,7 +86,7 @@ def main():
     result["ratio_best"] = result["nanorlhf_best_tok_s"] / result["transformers_best_tok_s"]
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    tu.info(f"generate: nanorlhf {result['nanorlhf_tok_s']:.0f} tok/s, transformers "
+    info(f"generate: nanorlhf {result['nanorlhf_tok_s']:.0f} tok/s, transformers "
             f"{result['transformers_tok_s']:.0f} tok/s ({result['ratio']:.2f}x)")
 
 

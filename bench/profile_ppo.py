@@ -37,13 +37,12 @@ def main():
         i = sys.argv.index("--trace")
         trace = sys.argv[i + 1]
         del sys.argv[i:i + 2]
-    from nanorlhf import ppo, rollout
+    from nanorlhf import forward, ppo, sampling
 
-    for name, text in [("generate", "1 rollout: generate"), ("reward_scores", "2 score: reward model"),
-                       ("logprobs_of", "3 score: reference log-probs"),
-                       ("critic_values", "critic values (4 + 7)"),
-                       ("policy_logits", "policy logits (3 + 7)")]:
-        label(rollout, name, text)
+    label(sampling, "generate", "1 rollout: generate")
+    for name, text in [("reward_scores", "2 score: reward model"), ("logprobs_of", "3 score: reference log-probs"),
+                       ("critic_values", "critic values (4 + 7)"), ("policy_logits", "policy logits (3 + 7)")]:
+        label(forward, name, text)
     for name, text in [("logprobs_from_logits", "logprobs_from_logits"), ("entropy_from_logits", "7 entropy"),
                        ("compute_gae", "6 compute_gae")]:
         label(ppo, name, text)

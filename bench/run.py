@@ -20,7 +20,7 @@
    one-base plan in fp32 and with a bf16 base; TRL with LoRA matched to ours (fp32), and TRL's standard
    setup (full fine-tuning of the policy and the value model, its own defaults such as gradient
    checkpointing).
-4. Sampling: nanorlhf.rollout.generate against transformers' model.generate (bench/generate_bench.py),
+4. Sampling: nanorlhf.sampling.generate against transformers' model.generate (bench/generate_bench.py),
    and the machine's own limits, measured in the same run: matmul GFLOP/s in fp32 and bf16, memory copy
    GB/s (bench/machine.py).
 Results: bench/results/latest.json and latest.md (how to read them: bench/README.md).
@@ -424,7 +424,7 @@ def write_markdown(results, path):
                 for k, x in sized["ratios"].items())]
         g = sized.get("generate")
         if g and "error" not in g:
-            lines += ["", f"Sampling, {g['batch']} x {g['response_length']} tokens: nanorlhf.rollout.generate "
+            lines += ["", f"Sampling, {g['batch']} x {g['response_length']} tokens: nanorlhf.sampling.generate "
                       f"{g['nanorlhf_tok_s']:.0f} tok/s, transformers' generate {g['transformers_tok_s']:.0f} tok/s "
                       f"(**{g['ratio']:.2f}x**, median of {g['repeats']})."]
     if results.get("import_baseline_rss_mb"):

@@ -25,8 +25,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
 
-from nanorlhf import train_utils as tu
+from nanorlhf.args import pick_device
 from nanorlhf.data import encode_prompt, prompt_messages, read_records
+from nanorlhf.loading import load_tokenizer
+from nanorlhf.metrics import info
 
 
 def parse_args():
@@ -112,9 +114,9 @@ def main():
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as ppo_module
 
-    device, dtype = tu.pick_device()
+    device, dtype = pick_device()
     torch.manual_seed(args.seed)
-    tokenizer = tu.load_tokenizer(args.sft)
+    tokenizer = load_tokenizer(args.sft)
     tokenizer.padding_side = "left"  # TRL generates from left-padded queries
     prompts = [encode_prompt(tokenizer, prompt_messages(r, where)) for where, r in read_records(args.data)]
     dataset = Dataset.from_dict({"input_ids": prompts})
@@ -162,7 +164,7 @@ def main():
                          peft_config=peft_config,
                          callbacks=[install_timers(ppo_module, timings, args.timings + ".loaded")])
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    tu.info(f"TRL PPOTrainer: {len(prompts)} prompts, {args.num_updates} iterations, "
+    info(f"TRL PPOTrainer: {len(prompts)} prompts, {args.num_updates} iterations, "
             f"{trainable:,} trainable parameters")
     trainer.train()
     with open(args.timings, "w") as f:

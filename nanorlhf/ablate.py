@@ -21,9 +21,11 @@ import sys
 import time
 
 from nanorlhf import plots
-from nanorlhf import train_utils as tu
 from nanorlhf.errors import Interrupted, UserError, run_main
 from nanorlhf.evaluate import MAX_NEW_TOKENS
+from nanorlhf.files import atomic_write_text
+from nanorlhf.loading import check_model_dir
+from nanorlhf.metrics import info
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,16 +49,8 @@ COLUMNS = ["rm_score", "gold", "ended", "no_repeat", "kl_to_sft", "response_leng
 CURVES = ["objective/scores", "objective/kl"]
 
 
-def write_file(path, text):
-    """Write a file atomically (a temp name, then rename): it is whole or absent."""
-    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_json(path, value):
-    write_file(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 def run_logged(argv, log_path, what):
@@ -161,8 +155,8 @@ def main():
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise UserError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-    tu.check_model_dir(args.sft, "--sft")
-    tu.check_model_dir(args.rm, "--rm")
+    check_model_dir(args.sft, "--sft")
+    check_model_dir(args.rm, "--rm")
     for path in args.data.split(",") + args.eval_data.split(","):
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such file (--data / --eval_data)")
@@ -182,9 +176,9 @@ def main():
             if results[variant][-1]["flags"] != extra + VARIANTS[variant]:
                 raise UserError(f"{run_dir}: ran with other flags ({' '.join(results[variant][-1]['flags'])}); "
                                 "choose another --output_dir")
-            tu.info(f"[{i}/{len(cells)}] {variant} seed {seed}: reused (finished before)")
+            info(f"[{i}/{len(cells)}] {variant} seed {seed}: reused (finished before)")
             continue
-        tu.info(f"[{i}/{len(cells)}] {variant} seed {seed}: training ...")
+        info(f"[{i}/{len(cells)}] {variant} seed {seed}: training ...")
         try:
             result = train_and_evaluate(args, extra, variant, seed, run_dir)
         except KeyboardInterrupt:
@@ -192,12 +186,13 @@ def main():
         results[variant].append(result)
         outcome = (f"diverged: {result['diverged']}" if "diverged" in result
                    else f"rm_score {result['rm_score']:.3f}, {result['wall_s']:.0f} s")
-        tu.info(f"[{i}/{len(cells)}] {variant} seed {seed}: {outcome}")
+        info(f"[{i}/{len(cells)}] {variant} seed {seed}: {outcome}")
 
     rows = [summarize(v, results[v]) for v in variants]
     table = markdown_table(rows)
-    write_file(os.path.join(args.output_dir, "results.md"),
-               f"PPO ablation: mean ± sd over seeds {args.seeds}; extra flags: `{' '.join(extra) or '-'}`\n\n{table}\n")
+    flags = " ".join(extra) or "-"
+    atomic_write_text(os.path.join(args.output_dir, "results.md"),
+                      f"PPO ablation: mean ± sd over seeds {args.seeds}; extra flags: `{flags}`\n\n{table}\n")
     write_json(os.path.join(args.output_dir, "results.json"),
                {"summary": rows, "runs": [r for v in variants for r in results[v]], "extra_flags": extra})
     run_dirs = {v: [os.path.join(args.output_dir, v, f"seed-{s}") for s in seeds] for v in variants}

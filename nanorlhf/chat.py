@@ -16,11 +16,11 @@ import sys
 import torch
 from transformers import DynamicCache
 
-from nanorlhf import train_utils as tu
+from nanorlhf.args import pick_device
 from nanorlhf.data import encode_prompt
 from nanorlhf.errors import UserError, run_main
 from nanorlhf.evaluate import load_policy
-from nanorlhf.rollout import sample_token
+from nanorlhf.sampling import sample_token
 from nanorlhf.template import stop_ids
 
 PROMPT = ">>> "
@@ -117,7 +117,7 @@ def main():
     args = parser.parse_args()
     if args.max_new_tokens < 1:
         raise UserError("--max_new_tokens must be at least 1")
-    device, dtype = tu.pick_device(args.device)
+    device, dtype = pick_device(args.device)
     tokenizer, model = load_policy(args.model, device, dtype, args.trust_remote_code)
     if args.seed is not None:
         torch.manual_seed(args.seed)

@@ -338,8 +338,12 @@ def pad(sequences, value, side="right"):
     return torch.tensor(rows, dtype=torch.long)
 
 
+def pad_with_mask(sequences, pad_id, side="right"):
+    """Token id lists -> (input_ids [B, T], attention_mask [B, T]: 1 on real tokens, 0 on padding)."""
+    return pad(sequences, pad_id, side), pad([[1] * len(s) for s in sequences], 0, side)
+
+
 def collate_lm(examples, pad_id):
     """[(input_ids, labels)] -> dict of input_ids, attention_mask, labels (right-padded)."""
-    ids = [e[0] for e in examples]
-    return {"input_ids": pad(ids, pad_id), "labels": pad([e[1] for e in examples], IGNORE),
-            "attention_mask": pad([[1] * len(s) for s in ids], 0)}
+    input_ids, attention_mask = pad_with_mask([e[0] for e in examples], pad_id)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": pad([e[1] for e in examples], IGNORE)}

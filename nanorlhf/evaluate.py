@@ -25,12 +25,16 @@ import statistics
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from nanorlhf import train_utils as tu
+from nanorlhf.args import pick_device
 from nanorlhf.data import encode_prompt, prompt_messages, read_records
 from nanorlhf.errors import UserError, run_main
+from nanorlhf.files import atomic_save
+from nanorlhf.loading import load_model, load_tokenizer
 from nanorlhf.lora import load_adapter, merge_lora
-from nanorlhf.rollout import ended_with_eos, generate, policy_logits, response_mask, reward_scores
+from nanorlhf.metrics import info
+from nanorlhf.forward import policy_logits, reward_scores
 from nanorlhf.rubric import gold_score, has_repeat, load_world
+from nanorlhf.sampling import ended_with_eos, generate
 from nanorlhf.template import stop_ids
 
 _WORD = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]+", re.UNICODE)  # one CJK character, or a word
@@ -67,24 +71,24 @@ def distinct_n(texts, n):
 def load_policy(path, device, dtype, trust_remote_code=False):
     """A merged model dir, or an adapter dir merged onto the base it names."""
     adapter_config = os.path.join(path, "adapter_config.json")
-    tokenizer = tu.load_tokenizer(path, trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code)
     if not os.path.isfile(adapter_config):
-        return tokenizer, tu.load_model(path, AutoModelForCausalLM, device, dtype, trust_remote_code, tokenizer).eval()
+        return tokenizer, load_model(path, AutoModelForCausalLM, device, dtype, trust_remote_code, tokenizer).eval()
     with open(adapter_config, encoding="utf-8") as f:
         base = json.load(f).get("base_model_name_or_path") or ""
-    model = tu.load_model(base, AutoModelForCausalLM, device, torch.float32, trust_remote_code, tokenizer)
+    model = load_model(base, AutoModelForCausalLM, device, torch.float32, trust_remote_code, tokenizer)
     merge_lora(load_adapter(model, path))
     return tokenizer, model.to(dtype).eval()
 
 
 @torch.no_grad()
-def kl_to_reference(model, ref, query, query_mask, response, mask):
-    """Exact KL(model || ref) of each response, summed over its tokens: at every position the full
-    next-token distributions are compared, so it is exact even for greedy answers. [B]"""
-    logp = policy_logits(model, query, response, mask, query_mask).float().log_softmax(-1)
-    logq = policy_logits(ref, query, response, mask, query_mask).float().log_softmax(-1)
+def kl_to_reference(model, ref, batch):
+    """Exact KL(model || ref) of each response of a batch (nanorlhf.sampling), summed over its tokens: at
+    every position the full next-token distributions are compared, so it is exact even for greedy answers. [B]"""
+    logp = policy_logits(model, batch).float().log_softmax(-1)
+    logq = policy_logits(ref, batch).float().log_softmax(-1)
     per_token = (logp.exp() * (logp - logq)).sum(-1)
-    return torch.where(mask > 0, per_token, 0.0).sum(1)
+    return torch.where(batch["response_mask"] > 0, per_token, 0.0).sum(1)
 
 
 MAX_NEW_TOKENS = 256  # room to end: well beyond what the demo (and most PPO runs) train responses to
@@ -110,7 +114,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    device, dtype = tu.pick_device(args.device)
+    device, dtype = pick_device(args.device)
 
     named = []
     for spec in args.models:
@@ -124,7 +128,7 @@ def main(argv=None):
     world = None
     if any("condition" in rec for _, rec in records) and os.path.isfile(args.world):
         world = load_world(args.world)
-    reward_model = (tu.load_model(args.rm, AutoModelForSequenceClassification, device, dtype,
+    reward_model = (load_model(args.rm, AutoModelForSequenceClassification, device, dtype,
                                   args.trust_remote_code, tokenizer, num_labels=1).eval() if args.rm else None)
     ref_name, ref_path = ("ref", args.ref) if args.ref else named[0]
     _, ref = load_policy(ref_path, device, dtype, args.trust_remote_code)
@@ -138,23 +142,22 @@ def main(argv=None):
         torch.manual_seed(args.seed)  # every model samples with the same seed
         answers, scores, kls, lengths, ended = [], [], [], [], []
         for i in range(0, len(prompts), args.batch_size):
-            query, query_mask, response, _ = generate(model, prompts[i:i + args.batch_size], args.max_new_tokens,
-                                                      eos_ids, tok.pad_token_id, args.temperature)
-            mask = response_mask(response, eos_ids, tok.pad_token_id)
+            batch = generate(model, prompts[i:i + args.batch_size], args.max_new_tokens, eos_ids, tok.pad_token_id,
+                             args.temperature)
             with torch.no_grad():
                 if reward_model is not None:
-                    scores += reward_scores(reward_model, query, response, mask, query_mask).tolist()
-                kls += kl_to_reference(model, ref, query, query_mask, response, mask).tolist()
-            lengths += mask.sum(1).tolist()
-            ended += ended_with_eos(response, eos_ids).tolist()
-            for row, row_mask in zip(response, mask):
+                    scores += reward_scores(reward_model, batch).tolist()
+                kls += kl_to_reference(model, ref, batch).tolist()
+            lengths += batch["response_mask"].sum(1).tolist()
+            ended += ended_with_eos(batch["response"], eos_ids).tolist()
+            for row, row_mask in zip(batch["response"], batch["response_mask"]):
                 answers.append(tok.decode(row[row_mask > 0], skip_special_tokens=True).strip())
         row = {"model": name, "n": len(answers), "ended": statistics.mean(ended),
                "no_repeat": statistics.mean(not has_repeat(a) for a in answers),
                "response_length": statistics.mean(lengths), f"kl_to_{ref_name}": statistics.mean(kls),
                "distinct_1": distinct_n(answers, 1), "distinct_2": distinct_n(answers, 2)}
         if not all(ended):
-            tu.info(f"{name}: {len(ended) - sum(ended)} of {len(ended)} answers did not end within "
+            info(f"{name}: {len(ended) - sum(ended)} of {len(ended)} answers did not end within "
                     f"--max_new_tokens {args.max_new_tokens}")
         if scores:
             row["rm_score"] = statistics.mean(scores)
@@ -226,7 +229,7 @@ def write_outputs(out_dir, results, predictions, table):
         plt.close(fig)
 
     os.makedirs(out_dir, exist_ok=True)
-    tu.atomic_save(out_dir, write)
+    atomic_save(out_dir, write)
 
 
 if __name__ == "__main__":

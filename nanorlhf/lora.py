@@ -18,11 +18,12 @@ import contextlib
 import json
 import math
 import os
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from nanorlhf.files import atomic_write, atomic_write_text
 
 # A PeftModel holds a LoraModel as `.base_model`, which holds the transformers model as `.model`.
 PEFT_PREFIX = "base_model.model."
@@ -218,13 +219,6 @@ def _modules_state_dict(model, module_names):
     return state
 
 
-def _write_atomic(path, write):
-    """Write to a temporary name, then rename: a killed run never leaves half a file."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_adapter(model, out_dir, base_model_name_or_path="", task_type="CAUSAL_LM", modules_to_save=None,
                  adapter=None, extra_tensors=None):
     """Write one adapter (the active one by default) as PEFT does, so
@@ -261,11 +255,9 @@ def save_adapter(model, out_dir, base_model_name_or_path="", task_type="CAUSAL_L
     }
     os.makedirs(out_dir, exist_ok=True)
     # Weights first, config last: a dir with a config always has its weights.
-    _write_atomic(os.path.join(out_dir, "adapter_model.safetensors"),
-                  lambda path: save_file(tensors, path, metadata={"format": "pt"}))
-    text = json.dumps(peft_config, indent=2) + "\n"
-    _write_atomic(os.path.join(out_dir, "adapter_config.json"),
-                  lambda path: Path(path).write_text(text, encoding="utf-8"))
+    atomic_write(os.path.join(out_dir, "adapter_model.safetensors"),
+                 lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    atomic_write_text(os.path.join(out_dir, "adapter_config.json"), json.dumps(peft_config, indent=2) + "\n")
 
 
 def load_adapter(model, adapter_dir, adapter="default"):

@@ -12,6 +12,7 @@ import json
 import os
 
 from nanorlhf.errors import UserError, run_main
+from nanorlhf.files import atomic_write
 
 # The curves that tell a healthy run from a sick one, in the order they are drawn; a panel is
 # drawn for each one the runs logged. PT/SFT: loss; RM: accuracy too; PPO: score, KL, entropy...
@@ -60,10 +61,8 @@ def plot(runs, path, keys=CURVES, title=""):
     if len(runs) > 1:  # one legend for all panels, to their right (bbox_inches="tight" makes room)
         fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5),
                    fontsize="small")
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), ".tmp-" + os.path.basename(path))
-    fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight"))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

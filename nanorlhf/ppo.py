@@ -108,20 +108,20 @@ def entropy_from_logits(logits):
 def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
     """Per-token estimate of KL(pi || pi_ref) from one sample: [B, T], [B, T] -> [B, T].
 
-    With r = ref_logprobs - logprobs = log(pi_ref / pi) on a token sampled from pi
-    (Schulman, "Approximating KL divergence", http://joschu.net/blog/kl-approx.html):
-      k1 = -r = logprobs - ref_logprobs      unbiased, high variance, can be negative
-      k2 = 0.5 * r^2                         biased, low variance, >= 0
-      k3 = (exp(r) - 1) - r                  unbiased, low variance, >= 0
+    In the letters of Schulman, "Approximating KL divergence" (http://joschu.net/blog/kl-approx.html),
+    for a token x sampled from pi: r = pi_ref(x) / pi(x), so log r = ref_logprobs - logprobs, and
+      k1 = -log r                   unbiased, high variance, can be negative
+      k2 = (log r)^2 / 2            biased, low variance, >= 0
+      k3 = (r - 1) - log r          unbiased, low variance, >= 0
     """
     if estimator not in ("k1", "k2", "k3"):
         raise ValueError(f"unknown KL estimator {estimator!r}: expected 'k1', 'k2' or 'k3'")
-    r = ref_logprobs - logprobs
+    log_r = ref_logprobs - logprobs
     if estimator == "k1":
-        return -r
+        return -log_r
     if estimator == "k2":
-        return 0.5 * r**2
-    return torch.expm1(r) - r  # expm1(r) = exp(r) - 1, exact for small r
+        return 0.5 * log_r**2
+    return torch.expm1(log_r) - log_r  # expm1(log r) = r - 1, exact when r is close to 1
 
 
 def shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, estimator="k1"):
@@ -326,3 +326,34 @@ def grpo_advantages(scores, k, eps=1e-4):
 def broadcast_to_tokens(sequence_values, mask):
     """Give each real token its sequence's value: [B], mask [B, T] -> [B, T], 0 on padding."""
     return _zero_padding(sequence_values.unsqueeze(1).expand(mask.shape), _real(mask))
+
+
+def estimate_advantages(rewards, values, mask, estimator="gae", gamma=1.0, lam=0.95, k=1):
+    """Step 6 of a PPO iteration: token rewards [B, T] -> (advantages [B, T], returns [B, T]).
+
+    gae: compute_gae with the critic's values. reinforce: the return-to-go (no critic).
+    rloo / grpo: one advantage per sequence from the k samples of its prompt (prompt-major batch),
+    computed on the sequence's summed reward and given to each of its tokens. Without a critic the
+    returns are the advantages (nothing trains on them).
+    """
+    if estimator == "gae":
+        return compute_gae(rewards, values, mask, gamma, lam)
+    if estimator == "reinforce":
+        advantages = reinforce_advantages(rewards, mask, gamma)
+    elif estimator in ("rloo", "grpo"):
+        group_estimator = rloo_advantages if estimator == "rloo" else grpo_advantages
+        advantages = broadcast_to_tokens(group_estimator((rewards * mask).sum(1), k), mask)
+    else:
+        raise ValueError(f"unknown advantage estimator {estimator!r}: expected gae, reinforce, rloo or grpo")
+    return advantages, advantages
+
+
+def penalize_scores(scores, ended, missing_eos_penalty=0.0, reward_clip=0.0):
+    """Step 2's adjustments of the reward model's scores [B]: minus missing_eos_penalty where a response
+    never ended (ended [B] bool; N+ details, "EOS trick"), then clipped to [-reward_clip, reward_clip]
+    (0 = off for either)."""
+    if missing_eos_penalty:
+        scores = torch.where(ended, scores, scores - missing_eos_penalty)
+    if reward_clip > 0:
+        scores = scores.clamp(-reward_clip, reward_clip)
+    return scores

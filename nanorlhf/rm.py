@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanorlhf.data import pad_with_mask
 from nanorlhf.errors import UserError
 
 # transformers' `score` Linear has no bias. --normalize_scores folds 1/std into score.weight and
@@ -81,9 +82,7 @@ def collate_pairs(pairs, pad_id):
     """[(chosen_ids, rejected_ids, margin)] -> dict of input_ids and attention_mask [2B, T]
     (the B chosen sequences, then the B rejected ones, right-padded) and margin [B]."""
     sequences = [p[0] for p in pairs] + [p[1] for p in pairs]
-    width = max(len(s) for s in sequences)
-    input_ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences], dtype=torch.long)
-    attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    input_ids, attention_mask = pad_with_mask(sequences, pad_id)
     margin = torch.tensor([p[2] for p in pairs], dtype=torch.float32)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin}
 
@@ -145,9 +144,9 @@ def load_reward_model(path, device, dtype, trust_remote_code=False):
     """A reward model dir (a full RM run or merge_lora.py's output) -> (model, tokenizer), in eval mode."""
     from transformers import AutoModelForSequenceClassification
 
-    from nanorlhf import train_utils as tu
+    from nanorlhf.loading import load_model, load_tokenizer
 
-    tokenizer = tu.load_tokenizer(path, trust_remote_code)
-    model = tu.load_model(path, AutoModelForSequenceClassification, device, dtype,
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    model = load_model(path, AutoModelForSequenceClassification, device, dtype,
                           trust_remote_code=trust_remote_code, tokenizer=tokenizer, num_labels=1)
     return model.eval(), tokenizer

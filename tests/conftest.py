@@ -1,8 +1,13 @@
-"""Shared fixtures: a tiny model built once per test session by the real train_pt.py."""
+"""What several test modules share: the tiny model built once per session by the real train_pt.py, a
+random reward model, running the stage scripts (as a subprocess, or forked from the launcher), a few
+records of the demo data, reading metrics.jsonl. Test modules import from here, never from each other."""
 
+import json
 import os
+import runpy
 import subprocess
 import sys
+import traceback
 
 import pytest
 
@@ -45,3 +50,47 @@ def rm_dir(tiny_model_dir, tmp_path_factory):
     rm.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def launcher(tmp_path_factory):
+    """Runs the stage scripts as forks of one process that has imported them once (tests/launcher.py)."""
+    from launcher import Launcher
+
+    launcher = Launcher(str(tmp_path_factory.mktemp("stderr")))
+    yield launcher
+    launcher.close()
+
+
+def run_as_main(script, args, stderr_path):
+    """In a fork: `python script args` with stderr to a file; never returns."""
+    os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    sys.argv, code = [script, *args], 0
+    try:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    except SystemExit as e:  # as the interpreter treats it: an int is the status, anything else is printed
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def demo_subset(root, counts):
+    """The first n records of demo files into root: {"sft.jsonl": 10, ...}; returns root."""
+    for name, n in counts.items():
+        with open(os.path.join(DEMO, name), encoding="utf-8") as f:
+            (root / name).write_text("".join(f.readlines()[:n]), encoding="utf-8")
+    return root
+
+
+def read_metrics(out, timings=True):
+    """The rows of out/metrics.jsonl; without the wall-clock time/* entries unless timings."""
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    return rows if timings else [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]

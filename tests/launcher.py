@@ -64,7 +64,7 @@ def wait_for(path, timeout=300):
 
 
 def serve():
-    from test_cli_errors import run_as_main
+    from conftest import run_as_main
 
     for script in SCRIPTS:
         runpy.run_path(os.path.join(ROOT, script), run_name="imports_only")  # its imports, not main()

@@ -9,8 +9,8 @@ import pytest
 from conftest import DEMO, ROOT
 
 from nanorlhf import ablate as ablate_module
-from nanorlhf import train_utils as tu
 from nanorlhf.ablate import VARIANTS, markdown_table, mean_curve, summarize
+from nanorlhf.args import parse_args
 from nanorlhf.errors import UserError
 
 TINY = ["--num_updates", 1, "--batch_size", 4, "--response_length", 8, "--ppo_epochs", 1, "--logging_steps", 1]
@@ -25,14 +25,14 @@ def load_train_ppo():
 
 def test_every_preset_is_valid_train_ppo_flags_and_keeps_the_responses_per_iteration():
     train_ppo = load_train_ppo()
-    baseline = tu.parse_args(train_ppo.Args, [])
+    baseline = parse_args(train_ppo.Args, [])
     for name, flags in VARIANTS.items():
-        args = tu.parse_args(train_ppo.Args, flags)
+        args = parse_args(train_ppo.Args, flags)
         changed = {k for k, v in vars(args).items() if v != getattr(baseline, k)}
         assert changed or name == "baseline", name
         assert args.batch_size == baseline.batch_size and args.batch_size % args.num_samples_per_prompt == 0
-    assert tu.parse_args(train_ppo.Args, VARIANTS["no_kl"]).kl_coef == 0
-    assert tu.parse_args(train_ppo.Args, VARIANTS["rloo"]).num_samples_per_prompt == 4
+    assert parse_args(train_ppo.Args, VARIANTS["no_kl"]).kl_coef == 0
+    assert parse_args(train_ppo.Args, VARIANTS["rloo"]).num_samples_per_prompt == 4
 
 
 def test_summary_is_mean_and_sd_over_seeds_and_the_curve_a_seed_mean():

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from nanorlhf import chat
 from nanorlhf.chat import stream_text, stream_tokens
 from nanorlhf.data import encode_prompt
-from nanorlhf.rollout import ended_with_eos, generate, response_mask
+from nanorlhf.sampling import ended_with_eos, generate
 
 # A question the 8-step fixture model answers with tokens, not with EOS at once (its greedy answer
 # to "I have a headache and a fever." is empty, which would make the comparisons below vacuous).
@@ -19,13 +19,13 @@ QUESTION = "What could cause a runny nose?"
 
 
 def greedy_answer(model_dir, question, max_new_tokens):
-    """The reference: rollout.generate's greedy answer, decoded as a whole, as chat prints it (marked
+    """The reference: sampling.generate's greedy answer, decoded as a whole, as chat prints it (marked
     when it reached max_new_tokens without the end-of-turn token)."""
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     prompt = encode_prompt(tok, [{"role": "user", "content": question}])
-    _, _, response, _ = generate(model, [prompt], max_new_tokens, [tok.eos_token_id], tok.pad_token_id, 0.0)
-    mask = response_mask(response, [tok.eos_token_id], tok.pad_token_id)
+    batch = generate(model, [prompt], max_new_tokens, [tok.eos_token_id], tok.pad_token_id, 0.0)
+    response, mask = batch["response"], batch["response_mask"]
     text = tok.decode(response[0][mask[0] > 0], skip_special_tokens=True).strip()
     if not ended_with_eos(response, [tok.eos_token_id])[0]:
         text += f" [cut: no end of turn within --max_new_tokens {max_new_tokens}]"
@@ -62,7 +62,7 @@ def test_stream_tokens_with_kv_cache_matches_greedy_generate(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     prompt = encode_prompt(tok, [{"role": "user", "content": QUESTION}])
     streamed = list(stream_tokens(model, prompt, 12, {tok.eos_token_id}, temperature=0.0))
-    _, _, response, _ = generate(model, [prompt], 12, [tok.eos_token_id], tok.pad_token_id, 0.0)
+    response = generate(model, [prompt], 12, [tok.eos_token_id], tok.pad_token_id, 0.0)["response"]
     expected = [t for t in response[0].tolist() if t not in (tok.eos_token_id, tok.pad_token_id)]
     assert streamed == expected
 

@@ -15,11 +15,10 @@ import pickle
 import runpy
 import shutil
 import sys
-import traceback
 
 import pytest
 import torch
-from conftest import DEMO, ROOT, run_script
+from conftest import DEMO, ROOT, run_as_main, run_script
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from nanorlhf.data import encode_dialogue, to_messages
@@ -287,25 +286,6 @@ def serve(spec):
         results[name] = (os.waitstatus_to_exitcode(status), open(stderr_path, encoding="utf-8").read())
     with open(spec[:-len(".json")] + ".results", "w", encoding="utf-8") as f:
         json.dump(results, f)
-
-
-def run_as_main(script, args, stderr_path):
-    """In the fork: `python script args` with stderr to a file; never returns."""
-    os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-    sys.argv, code = [script, *args], 0
-    try:
-        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-    except SystemExit as e:  # as the interpreter treats it: an int is the status, anything else is printed
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if not isinstance(e.code, (int, type(None))):
-            print(e.code, file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)

@@ -8,7 +8,6 @@ for two processes; PPO's --batch_size is global already). The rest checks the pi
 
 import functools
 import itertools
-import json
 import os
 import random
 import shutil
@@ -19,13 +18,14 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import DEMO, ROOT
-from launcher import Launcher
+from conftest import ROOT, demo_subset, read_metrics
 from safetensors.torch import load_file
 
 from nanorlhf import distributed as dist
-from nanorlhf import train_utils as tu
+from nanorlhf.args import set_seed
+from nanorlhf.checkpoint import restore_rng, rng_state
 from nanorlhf.ppo import explained_variance, masked_mean, masked_whiten
+from nanorlhf.training import batch_order, batches_per_epoch, micro_batches
 
 # ---------------------------------------------------------------- the pieces, in one process
 
@@ -84,11 +84,11 @@ def test_whitening_with_reduce_over_two_shards_is_whitening_the_whole_batch():
 
 def test_micro_batches_split_evenly_and_follow_the_one_process_order():
     n, per_device, world_size = 11, 2, 2
-    gen = tu.micro_batches(n, per_device * world_size, seed=3, world_size=world_size)
+    gen = micro_batches(n, per_device * world_size, seed=3, world_size=world_size)
     epoch0 = [idx for _, idx in (next(gen) for _ in range(3))]
     assert [len(b) for b in epoch0] == [4, 4, 2]  # 11 - 11 % 2 = 10 examples: the last one left out
-    assert list(itertools.chain(*epoch0)) == tu.batch_order(n, 3, 0)[:10]  # the one-process order
-    assert tu.batches_per_epoch(n, 4, world_size) == 3
+    assert list(itertools.chain(*epoch0)) == batch_order(n, 3, 0)[:10]  # the one-process order
+    assert batches_per_epoch(n, 4, world_size) == 3
     for idx in epoch0:  # equal shares, which together are the global micro-batch
         shares = [dist.shard(idx, dist.World(rank=r, size=2)) for r in range(2)]
         assert len(shares[0]) == len(shares[1]) and sorted(itertools.chain(*shares)) == sorted(idx)
@@ -109,12 +109,12 @@ def test_a_single_process_needs_no_torchrun_and_changes_nothing():
 def test_each_rank_resumes_its_own_random_state(monkeypatch):
     states = []
     for seed in (1, 2):
-        tu.set_seed(seed)
-        states.append(tu.rng_state())
+        set_seed(seed)
+        states.append(rng_state())
     expected = (random.random(), np.random.rand(), torch.rand(1).item())  # rank 1's next numbers
     monkeypatch.setattr(dist, "world_size", lambda: 2)
     monkeypatch.setattr(dist, "rank", lambda: 1)
-    tu.restore_rng({"rng": states[0], "rng_per_rank": states, "step": 3})
+    restore_rng({"rng": states[0], "rng_per_rank": states, "step": 3})
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
@@ -137,13 +137,6 @@ def torchrun(script, *args):
     return proc.stderr
 
 
-@pytest.fixture(scope="module")
-def launcher(tmp_path_factory):
-    launcher = Launcher(str(tmp_path_factory.mktemp("stderr")))
-    yield launcher
-    launcher.close()
-
-
 def one_process(launcher, script, *args):
     status, stderr = launcher.run(script, *args)
     assert status == 0, stderr[-3000:]
@@ -151,16 +144,7 @@ def one_process(launcher, script, *args):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    for name, n in (("sft.jsonl", 16), ("ppo.jsonl", 12)):
-        with open(os.path.join(DEMO, name), encoding="utf-8") as f:
-            (root / name).write_text("".join(f.readlines()[:n]), encoding="utf-8")
-    return root
-
-
-def metrics(out):
-    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+    return demo_subset(tmp_path_factory.mktemp("data"), {"sft.jsonl": 16, "ppo.jsonl": 12})
 
 
 def files(out):
@@ -193,7 +177,7 @@ def assert_only_rank_0_wrote(out, reference, stderr):
     """The same files as one process wrote (nothing from rank 1), one metrics line per step, and the
     ranks' weights identical at the end (checked in the run by an all-gather)."""
     assert files(out) == files(reference)
-    assert [r["step"] for r in metrics(out)] == [r["step"] for r in metrics(reference)]
+    assert [r["step"] for r in read_metrics(out)] == [r["step"] for r in read_metrics(reference)]
     assert "the trained weights are identical on all 2 ranks" in stderr
     assert stderr.count("saved to") + stderr.count("saved the policy to") == 1  # only rank 0 speaks
 
@@ -206,7 +190,7 @@ def test_sft_on_two_processes_is_one_process_with_the_same_global_batch(launcher
                 "--output_dir", tmp_path / "one")
     stderr = torchrun("train_sft.py", *common, "--per_device_train_batch_size", 2,
                       "--output_dir", tmp_path / "two")
-    ours, theirs = metrics(tmp_path / "two"), metrics(tmp_path / "one")
+    ours, theirs = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
     for row, reference in zip(ours, theirs, strict=True):  # step 1: the same loss; step 2: the same update
         assert_close(row, reference, ["loss"])
     assert_same_weights(tmp_path / "two", tmp_path / "one", atol=1e-5)
@@ -224,7 +208,7 @@ def test_ppo_on_two_processes_is_one_process_and_resumes_bit_identically(launche
     # (not objective/kl: at iteration 1 it is rounding noise around 0, the policy being the reference)
     names = ["objective/scores", "loss/policy_avg", "loss/value_avg", "val/explained_variance",
              "val/response_length", "episodes"]
-    for row, reference in zip(metrics(tmp_path / "two"), metrics(tmp_path / "one"), strict=True):
+    for row, reference in zip(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one"), strict=True):
         assert_close(row, reference, names)  # iteration 2 also: the same update in between
     assert_same_weights(tmp_path / "two", tmp_path / "one", atol=1e-5)
     assert_only_rank_0_wrote(tmp_path / "two", tmp_path / "one", stderr)
@@ -236,6 +220,4 @@ def test_ppo_on_two_processes_is_one_process_and_resumes_bit_identically(launche
     shutil.copy(tmp_path / "two" / "metrics.jsonl", resumed / "metrics.jsonl")
     torchrun("train_ppo.py", *common, "--output_dir", resumed, "--resume")
     assert_same_weights(resumed, tmp_path / "two", atol=0.0)
-    untimed = [[{k: v for k, v in r.items() if not k.startswith("time/")} for r in metrics(out)]
-               for out in (resumed, tmp_path / "two")]
-    assert untimed[0] == untimed[1]
+    assert read_metrics(resumed, timings=False) == read_metrics(tmp_path / "two", timings=False)

@@ -6,14 +6,15 @@ import sys
 import pytest
 
 from nanorlhf import plots
-from nanorlhf import train_utils as tu
+from nanorlhf.args import BaseArgs, parse_args
 from nanorlhf.errors import UserError
+from nanorlhf.metrics import Metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def log_run(out, rows, **kwargs):
-    metrics = tu.Metrics(str(out), **kwargs)
+    metrics = Metrics(str(out), **kwargs)
     for step, values in rows:
         metrics.log(step, **values)
     metrics.close()
@@ -54,13 +55,13 @@ def test_report_to_tensorboard_logs_every_scalar(tmp_path):
 def test_report_to_tensorboard_without_it_installed_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(UserError, match="pip install tensorboard"):
-        tu.parse_args(tu.BaseArgs, ["--report_to", "tensorboard"])
+        parse_args(BaseArgs, ["--report_to", "tensorboard"])
 
 
 def test_report_to_accepts_only_known_loggers():
-    assert tu.parse_args(tu.BaseArgs, []).report_to == "none"
+    assert parse_args(BaseArgs, []).report_to == "none"
     with pytest.raises(UserError, match=r"^argument --report_to: invalid choice: 'wandb'"):
-        tu.parse_args(tu.BaseArgs, ["--report_to", "wandb"])
+        parse_args(BaseArgs, ["--report_to", "wandb"])
 
 
 def test_cli_overlays_several_runs(tmp_path, monkeypatch):

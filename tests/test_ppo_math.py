@@ -15,6 +15,7 @@ from nanorlhf.ppo import (
     broadcast_to_tokens,
     compute_gae,
     entropy_from_logits,
+    estimate_advantages,
     explained_variance,
     grpo_advantages,
     kl_penalty,
@@ -22,6 +23,7 @@ from nanorlhf.ppo import (
     masked_mean,
     masked_var,
     masked_whiten,
+    penalize_scores,
     policy_loss,
     reinforce_advantages,
     rloo_advantages,
@@ -606,3 +608,35 @@ def test_gradients_stay_finite_with_padding_garbage(garbage):
     for grad in (logprobs.grad, values.grad):
         assert torch.isfinite(grad).all()
         assert torch.equal(grad[mask == 0], torch.zeros_like(grad[mask == 0]))
+
+
+# ---- step 6 as one call, step 2's adjustments ----
+
+
+def test_estimate_advantages_by_hand_for_every_estimator():
+    # two prompts x k=2 samples; rows: full length, EOS first, empty, two tokens
+    rewards = torch.tensor([[1.0, 2.0], [3.0, 9.0], [5.0, 5.0], [0.5, 0.5]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    values = torch.tensor([[0.5, 1.0], [1.0, 7.0], [2.0, 2.0], [0.0, 0.0]])
+    # gae, gamma 1, lam 1: A_t = sum of the rewards from t on minus V_t; returns = the rewards to go
+    advantages, returns = estimate_advantages(rewards, values, mask, "gae", gamma=1.0, lam=1.0)
+    close(advantages, [[2.5, 1.0], [2.0, 0.0], [0.0, 0.0], [1.0, 0.5]])
+    close(returns, [[3.0, 2.0], [3.0, 0.0], [0.0, 0.0], [1.0, 0.5]])
+    advantages, returns = estimate_advantages(rewards, values, mask, "reinforce", gamma=1.0)
+    close(advantages, [[3.0, 2.0], [3.0, 0.0], [0.0, 0.0], [1.0, 0.5]])
+    assert torch.equal(advantages, returns)
+    # sequence rewards 3, 3 (first prompt) and 0, 1 (second): rloo's baselines are the other sample's
+    advantages, _ = estimate_advantages(rewards, values, mask, "rloo", k=2)
+    close(advantages, [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    a = 0.5 / (math.sqrt(0.5) + 1e-4)
+    advantages, _ = estimate_advantages(rewards, values, mask, "grpo", k=2)
+    close(advantages, [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [a, a]])
+    with pytest.raises(ValueError, match="unknown advantage estimator"):
+        estimate_advantages(rewards, values, mask, "ppo")
+
+
+def test_penalize_scores_by_hand():
+    scores, ended = torch.tensor([1.0, 4.0, -3.0]), torch.tensor([True, False, False])
+    close(penalize_scores(scores, ended), [1.0, 4.0, -3.0])  # both off
+    close(penalize_scores(scores, ended, missing_eos_penalty=1.5), [1.0, 2.5, -4.5])
+    close(penalize_scores(scores, ended, missing_eos_penalty=1.5, reward_clip=2.0), [1.0, 2.0, -2.0])

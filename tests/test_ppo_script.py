@@ -10,19 +10,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import DEMO, run_script
+from conftest import DEMO, read_metrics, run_script
 from nanorlhf.lora import add_lora, lora_state_dict, merge_lora, save_adapter
-from nanorlhf.ppo_setup import base_copies, build_models
-from nanorlhf.rollout import generate, logprobs_of, response_mask, reward_scores
+from nanorlhf.forward import logprobs_of, reward_scores
+from nanorlhf.ppo_models import base_copies, build_models
+from nanorlhf.sampling import generate
 
 TRL_NAMES = ["objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward",
              "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg"]
 SMALL = ["--batch_size", 4, "--response_length", 8, "--ppo_epochs", 2, "--num_mini_batches", 2, "--logging_steps", 1]
-
-
-def read_metrics(out):
-    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.mark.slow
@@ -66,14 +62,18 @@ def test_critic_free_estimator_builds_no_critic(tiny_model_dir, rm_dir, tmp_path
     out = tmp_path / "grpo"
     run_script("train_ppo.py", "--sft", tiny_model_dir, "--rm", rm_dir, "--data", f"{DEMO}/ppo.jsonl",
                "--output_dir", out, "--num_updates", 1, "--advantage_estimator", "grpo",
-               "--num_samples_per_prompt", 2, "--no-whiten_advantages", *SMALL)
+               "--num_samples_per_prompt", 2, "--no-whiten_advantages", "--kl_estimator", "k3", *SMALL)
     assert not (out / "critic").exists()
-    assert read_metrics(out)[0]["loss/value_avg"] == 0.0
+    row = read_metrics(out)[0]
+    assert row["loss/value_avg"] == 0.0
+    # the KL that shaped the rewards is logged by its estimator's name, beside TRL's k1 objective/kl
+    assert row["objective/kl_k3"] >= 0.0 and "objective/kl" in row and "objective/kl_k2" not in row
 
 
 def ppo_args(sft, rm, **overrides):
     args = dict(sft=sft, rm=rm, finetuning_type="lora", lora_rank=4, lora_alpha=8, lora_dropout=0.0,
-                lora_target="all", trust_remote_code=False, critic_init="rm", gradient_checkpointing=False)
+                lora_target="all", trust_remote_code=False, critic_init="rm", gradient_checkpointing=False,
+                max_length=256, response_length=48)
     return types.SimpleNamespace(**{**args, **overrides})
 
 
@@ -92,15 +92,15 @@ def test_reference_is_the_sft_model_with_adapters_off(tiny_model_dir, rm_dir):
     randomize_lora(m.policy)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompts = [tok(text, add_special_tokens=False)["input_ids"] for text in ("The common cold", "偏头痛会")]
-    query, query_mask, response, _ = generate(m.policy, prompts, 8, [tok.eos_token_id], tok.pad_token_id)
-    mask = response_mask(response, [tok.eos_token_id], tok.pad_token_id)
+    batch = generate(m.policy, prompts, 8, [tok.eos_token_id], tok.pad_token_id)
+    mask = batch["response_mask"]
     sft = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():
-        expected = logprobs_of(sft, query, response, mask, query_mask)
+        expected = logprobs_of(sft, batch)
         with m.role("reference") as ref_policy:
             assert ref_policy is m.policy
-            ref = logprobs_of(ref_policy, query, response, mask, query_mask)
-        policy = logprobs_of(m.policy, query, response, mask, query_mask)
+            ref = logprobs_of(ref_policy, batch)
+        policy = logprobs_of(m.policy, batch)
     assert torch.equal(torch.where(mask > 0, ref, 0.0), torch.where(mask > 0, expected, 0.0))
     assert (policy - expected).abs().max() > 1e-3  # the adapters do change the policy
 
@@ -115,16 +115,17 @@ def test_reward_is_the_rm_with_the_critic_adapters_off(tiny_model_dir, rm_dir):
     query = torch.tensor([[tok.pad_token_id, 5, 6], [7, 8, 9]])
     query_mask = (query != tok.pad_token_id).long()
     response = torch.tensor([[10, tok.eos_token_id, tok.pad_token_id], [11, 12, 13]])
-    mask = response_mask(response, [tok.eos_token_id], tok.pad_token_id)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # EOS in the middle; no EOS, full length
+    batch = {"query": query, "query_mask": query_mask, "response": response, "response_mask": mask}
     rm = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
     with torch.no_grad():
         with m.role("reward") as reward_model:
-            ours = reward_scores(reward_model, query, response, mask, query_mask, m.reward_head)
+            ours = reward_scores(reward_model, batch, m.reward_head)
         # transformers' own classifier on the same real tokens, one sequence at a time
         for i in range(2):
             ids = torch.cat([query[i][query_mask[i] > 0], response[i][mask[i] > 0]])[None]
             assert abs(rm(input_ids=ids).logits[0, 0].item() - ours[i].item()) < 1e-4
-        with_adapters = reward_scores(m.critic, query, response, mask, query_mask, m.reward_head)
+        with_adapters = reward_scores(m.critic, batch, m.reward_head)
     assert (with_adapters - ours).abs().max() > 1e-3
 
 
@@ -164,15 +165,13 @@ def rollout_batch(m, tok):
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("I have a runny nose", "我头痛，怕光。", "Hi")]
     torch.manual_seed(5)
     with m.role("policy") as policy:
-        query, query_mask, response, logprobs = generate(policy, prompts, 8, [tok.eos_token_id], tok.pad_token_id)
-    mask = response_mask(response, [tok.eos_token_id], tok.pad_token_id)
-    return tuple(t.clone() for t in (query, query_mask, response, mask, logprobs))  # out of inference mode
+        batch = generate(policy, prompts, 8, [tok.eos_token_id], tok.pad_token_id)
+    return {key: x.clone() for key, x in batch.items()}  # out of inference mode
 
 
 def test_one_base_plan_scores_refers_and_values_as_the_two_base_plan(tiny_model_dir, rm_adapter):
     from nanorlhf import ppo
-    from nanorlhf.ppo_setup import PolicyAndValue
-    from nanorlhf.rollout import critic_values
+    from nanorlhf.forward import PolicyAndValue, critic_values
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     adapter_dir, merged_dir = rm_adapter
@@ -187,27 +186,28 @@ def test_one_base_plan_scores_refers_and_values_as_the_two_base_plan(tiny_model_
         for (_, a), (_, b) in zip(lora_state_dict(one.policy, "policy").items(), lora_state_dict(two.policy).items()):
             a.copy_(b)
     batch = rollout_batch(two, tok)
-    assert torch.equal(batch[2], rollout_batch(one, tok)[2])  # the same responses, sampled from the same policy
-    query, query_mask, response, mask, old_logprobs = batch
+    assert torch.equal(batch["response"], rollout_batch(one, tok)["response"])  # the same policy sampled them
+    mask, response = batch["response_mask"], batch["response"]
     outputs = {}
     for name, m in plans.items():
         with torch.no_grad():
             with m.role("reward") as model:
-                scores = reward_scores(model, query, response, mask, query_mask, m.reward_head)
+                scores = reward_scores(model, batch, m.reward_head)
             with m.role("reference") as model:
-                ref = logprobs_of(model, query, response, mask, query_mask)
+                ref = logprobs_of(model, batch)
             with m.role("critic") as model:
-                values = critic_values(model, m.v_head, query, response, mask, query_mask)
+                values = critic_values(model, m.v_head, batch)
         # one PPO step on the policy: the loss and the policy after it
         advantages = ppo.masked_whiten(torch.linspace(-1, 1, mask.numel()).view_as(mask), mask)
         optimizer = torch.optim.AdamW(m.trainable(), lr=1e-2)
-        logits, new_values = PolicyAndValue(m, 1.0)(query, response, mask, query_mask)
-        pg_loss, _ = ppo.policy_loss(ppo.logprobs_from_logits(logits, response), old_logprobs, advantages, mask, 0.2)
+        logits, new_values = PolicyAndValue(m, 1.0)(batch)
+        pg_loss, _ = ppo.policy_loss(ppo.logprobs_from_logits(logits, response), batch["logprobs"], advantages, mask,
+                                     0.2)
         vf_loss, _ = ppo.value_loss(new_values, values, values + 1.0, mask, 0.2)
         (pg_loss + 0.1 * vf_loss).backward()
         optimizer.step()
         with torch.no_grad(), m.role("policy") as policy:
-            after = logprobs_of(policy, query, response, mask, query_mask)
+            after = logprobs_of(policy, batch)
         outputs[name] = dict(scores=scores, ref=ref * mask, values=values * mask, pg_loss=pg_loss, vf_loss=vf_loss,
                              after=after * mask)
     for key, value in outputs["two"].items():
@@ -256,7 +256,7 @@ def test_an_rm_adapter_trained_on_another_base_is_refused(tiny_model_dir, rm_ada
 def test_gradient_checkpointing_really_checkpoints_and_keeps_dropout_off(tiny_model_dir, rm_dir):
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from nanorlhf.ppo_setup import PolicyAndValue
+    from nanorlhf.forward import PolicyAndValue
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     grads = {}
@@ -268,8 +268,7 @@ def test_gradient_checkpointing_really_checkpoints_and_keeps_dropout_off(tiny_mo
         # transformers checkpoints a layer only in training mode: the layers are, their children are not
         assert all(layer.training == checkpointing for layer in layers)
         assert not any(mod.training for mod in m.policy.modules() if not isinstance(mod, GradientCheckpointingLayer))
-        query, query_mask, response, mask, _ = rollout_batch(m, tok)
-        logits, values = PolicyAndValue(m, 1.0)(query, response, mask, query_mask)
+        logits, values = PolicyAndValue(m, 1.0)(rollout_batch(m, tok))
         (logits.logsumexp(-1).mean() + values.mean()).backward()
         grads[checkpointing] = [p.grad.clone() for p in m.trainable()]
     # the same gradients, recomputed (dropout off: the second forward equals the first)

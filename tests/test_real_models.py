@@ -17,13 +17,12 @@ import re
 import pytest
 import torch
 from conftest import DEMO
-from launcher import Launcher
 from real_models import CONFIGS, build, train_tokenizer
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from nanorlhf.data import IGNORE, encode_answer, encode_dialogue, encode_prompt, to_messages
 from nanorlhf.rm import score
-from nanorlhf.rollout import generate, response_mask
+from nanorlhf.sampling import generate
 from nanorlhf.template import end_of_turn, prepare_tokenizer, render, stop_ids
 
 # name: (end of turn, pad after prepare_tokenizer, what prepare_tokenizer said)
@@ -227,13 +226,6 @@ def write_data(folder):
     return {k: str(v) for k, v in paths.items()}
 
 
-@pytest.fixture(scope="module")
-def launcher(tmp_path_factory):
-    launcher = Launcher(str(tmp_path_factory.mktemp("stderr")))
-    yield launcher
-    launcher.close()
-
-
 @pytest.fixture(scope="module", params=PIPELINE)
 def pipeline(request, launcher, tmp_path_factory):
     """SFT (LoRA) -> merge -> RM (LoRA) -> merge -> PPO (2 iterations) -> chat, on configuration `name`."""
@@ -340,9 +332,9 @@ def test_rollout_stops_at_the_end_of_turn_and_at_every_generation_config_eos(pip
 
         handle = model.get_output_embeddings().register_forward_hook(rig)
         try:
-            _, _, response, _ = generate(model, prompts, 10, stops, tokenizer.pad_token_id, temperature=1.0)
+            batch = generate(model, prompts, 10, stops, tokenizer.pad_token_id, temperature=1.0)
         finally:
             handle.remove()
-        assert response.shape[1] == 3  # stopped as soon as every row had ended
-        assert response[:, 2].tolist() == [stop, stop]
-        assert response_mask(response, stops, tokenizer.pad_token_id).tolist() == [[1.0] * 3] * 2
+        assert batch["response"].shape[1] == 3  # stopped as soon as every row had ended
+        assert batch["response"][:, 2].tolist() == [stop, stop]
+        assert batch["response_mask"].tolist() == [[1.0] * 3] * 2

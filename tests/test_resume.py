@@ -13,8 +13,8 @@ import signal
 
 import pytest
 import torch
-from conftest import DEMO
-from launcher import Launcher, wait_for
+from conftest import demo_subset, read_metrics
+from launcher import wait_for
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -35,20 +35,9 @@ PPO = ["--num_updates", 5, "--batch_size", 4, "--response_length", 8, "--ppo_epo
 
 
 @pytest.fixture(scope="module")
-def launcher(tmp_path_factory):
-    launcher = Launcher(str(tmp_path_factory.mktemp("stderr")))
-    yield launcher
-    launcher.close()
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A few records of each demo file: 10 dialogues (2.5 epochs of SFT), 20 pairs, 12 prompts."""
-    root = tmp_path_factory.mktemp("data")
-    for name, n in (("sft.jsonl", 10), ("rm.jsonl", 20), ("ppo.jsonl", 12)):
-        with open(os.path.join(DEMO, name), encoding="utf-8") as f:
-            (root / name).write_text("".join(f.readlines()[:n]), encoding="utf-8")
-    return root
+    return demo_subset(tmp_path_factory.mktemp("data"), {"sft.jsonl": 10, "rm.jsonl": 20, "ppo.jsonl": 12})
 
 
 def stage_args(stage, tiny_model_dir, rm_dir, data, rm_adapter=None):
@@ -73,12 +62,6 @@ def final_weights(out):
     return found
 
 
-def metrics(out):
-    """metrics.jsonl without the wall-clock timings."""
-    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-        return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in f]
-
-
 def checkpoints(out):
     names = [n for n in os.listdir(out) if n.startswith("checkpoint-")]
     return sorted(names, key=lambda n: int(n.split("-")[1]))
@@ -93,7 +76,7 @@ def assert_same_run(out, reference):
     ours, theirs = final_weights(out), final_weights(reference)
     assert ours.keys() == theirs.keys() and ours
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 1e-6
-    assert metrics(out) == metrics(reference)
+    assert read_metrics(out, timings=False) == read_metrics(reference, timings=False)
     for name in ("adapter_config.json", "nanorlhf_config.json"):  # RM --normalize_scores writes the second
         if os.path.exists(reference / name):
             assert read_json(out / name) == read_json(reference / name)
@@ -147,7 +130,7 @@ def test_ctrl_c_saves_a_checkpoint_of_the_current_step_and_resume_continues(laun
     assert match, stderr
     step = int(match.group(1))
     assert 2 <= step < 8 and checkpoints(out)[-1] == f"checkpoint-{step}"
-    assert metrics(out)[-1]["step"] == step  # the checkpoint holds the step it was at
+    assert read_metrics(out, timings=False)[-1]["step"] == step  # the checkpoint holds the step it was at
     assert not os.path.exists(out / "adapter_model.safetensors")  # no final model
     code, stderr = launcher.run(*cmd, "--resume")
     assert code == 0, stderr

@@ -1,4 +1,4 @@
-"""PPO's models and checkpoints: the plumbing train_ppo.py needs, kept out of its loop.
+"""PPO's models: which weights serve the policy, the reference, the reward model and the critic.
 
 The memory plans for one GPU (LoRA, the default), by what --rm is:
   - an RM adapter trained on the SFT model (train_rm.py's LoRA output): ONE frozen base for all four
@@ -24,12 +24,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from nanorlhf import train_utils as tu
+from nanorlhf.checkpoint import load_weights, save_model
 from nanorlhf.errors import UserError
+from nanorlhf.loading import check_model_dir, load_model, load_tokenizer
 from nanorlhf.lora import (LoRALinear, active_adapter, add_lora, disable_adapters, load_adapter, read_adapter_tensors,
-                           save_adapter, use_adapter)
+                           use_adapter)
 from nanorlhf.rm import CONFIG_FILE, SCORE_BIAS
-from nanorlhf.rollout import critic_values, policy_logits
 
 OFF = "off"  # a role that runs on the base weights alone
 
@@ -66,7 +66,7 @@ class PPOModels:
 
     @contextlib.contextmanager
     def role(self, name):
-        """`with m.role("reward") as model:` the model of a role, in that role's adapter state."""
+        """`with models.role("reward") as model:` the model of a role, in that role's adapter state."""
         model, adapter = self.roles[name]
         with in_role(model, adapter):
             yield model
@@ -79,68 +79,34 @@ class PPOModels:
     def save(self, out_dir, tokenizer):
         """The policy (a PEFT adapter on --sft, or a full model) + tokenizer; the critic in critic/."""
         policy, adapter = self._trained("policy")
-        if self.lora:
-            save_adapter(policy, out_dir, base_model_name_or_path=self.sft_path, adapter=adapter)
-        else:
-            policy.save_pretrained(out_dir, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
+        save_model(policy, tokenizer, out_dir, self.lora, self.sft_path, adapter=adapter)
         if "critic" in self.roles:
             critic, adapter = self._trained("critic")
             critic_dir = os.path.join(out_dir, "critic")
-            os.makedirs(critic_dir, exist_ok=True)
-            if self.lora:
-                save_adapter(critic, critic_dir, task_type="SEQ_CLS", adapter=adapter)
-            else:
-                critic.save_pretrained(critic_dir, safe_serialization=True)
+            save_model(critic, None, critic_dir, self.lora, task_type="SEQ_CLS", adapter=adapter)
             save_file({k: v.detach().cpu().contiguous() for k, v in self.v_head.state_dict().items()},
                       os.path.join(critic_dir, "value_head.safetensors"))
 
     def load(self, checkpoint_dir):
         """The weights save() wrote, back into these models (resume)."""
         policy, adapter = self._trained("policy")
-        if self.lora:
-            load_adapter(policy, checkpoint_dir, adapter=adapter)
-        else:
-            tu.load_weights(policy, checkpoint_dir, lora=False)
+        load_weights(policy, checkpoint_dir, self.lora, adapter)
         if "critic" in self.roles:
             critic, adapter = self._trained("critic")
             critic_dir = os.path.join(checkpoint_dir, "critic")
-            if self.lora:
-                load_adapter(critic, critic_dir, adapter=adapter)
-            else:
-                tu.load_weights(critic, critic_dir, lora=False)
+            load_weights(critic, critic_dir, self.lora, adapter)
             head = load_file(os.path.join(critic_dir, "value_head.safetensors"))
             self.v_head.load_state_dict({k: v.to(self.v_head.weight.device) for k, v in head.items()})
 
 
-def base_copies(m):
+def base_copies(models):
     """How many copies of the base weights the plan holds (the log says it)."""
-    models = {id(model): model for model, _ in m.roles.values()}
-    return len(models)
+    return len({id(model) for model, _ in models.roles.values()})
 
 
-class PolicyAndValue(nn.Module):
-    """What PPO trains, as one module: forward(query, response, mask, query_mask) -> (logits [B, R, V]
-    of the policy, temperature-scaled; values [B, R] of the critic, or None without one).
-
-    One module so that one DistributedDataParallel wraps both: DDP syncs the gradients of what runs
-    through the forward of the module it wraps, and the critic's values come from its backbone, not
-    its forward (TRL's PolicyAndValueWrapper is the same idea). Rollout and scoring use the modules
-    themselves, without gradients. On one shared base, each pass runs with its own adapter."""
-
-    def __init__(self, m, temperature):
-        super().__init__()
-        (self.policy, self.policy_adapter), critic = m.roles["policy"], m.roles.get("critic", (None, None))
-        self.critic, self.critic_adapter = critic
-        self.v_head, self.temperature = m.v_head, temperature
-
-    def forward(self, query, response, mask, query_mask):
-        with in_role(self.policy, self.policy_adapter):
-            logits = policy_logits(self.policy, query, response, mask, query_mask, self.temperature)
-        if self.critic is None:
-            return logits, None
-        with in_role(self.critic, self.critic_adapter):
-            return logits, critic_values(self.critic, self.v_head, query, response, mask, query_mask)
+def describe_plan(models, dtype):
+    copies = base_copies(models)
+    return f"{models.plan} ({copies} cop{'y' if copies == 1 else 'ies'} of the base weights, {dtype} frozen weights)"
 
 
 def _frozen(model):
@@ -195,7 +161,7 @@ def build_models(args, device, dtype, use_critic, tokenizer):
     log-probs of the training forward differ from the rollout's (N+ implementation details)."""
     lora = args.finetuning_type == "lora"
     lora_kwargs = dict(r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_target)
-    load = lambda path, cls, **kw: tu.load_model(path, cls, device, dtype, args.trust_remote_code,  # noqa: E731
+    load = lambda path, cls, **kw: load_model(path, cls, device, dtype, args.trust_remote_code,  # noqa: E731
                                                  tokenizer=tokenizer, **kw)
     sft_path = os.path.abspath(args.sft)
     if is_adapter_dir(args.rm):  # ---- one base for all four roles
@@ -206,7 +172,7 @@ def build_models(args, device, dtype, use_critic, tokenizer):
         bias_file = os.path.join(args.rm, CONFIG_FILE)
         bias = json.load(open(bias_file, encoding="utf-8")).get(SCORE_BIAS, 0.0) if os.path.isfile(bias_file) else 0.0
         roles = {"policy": (base, "policy"), "reference": (base, OFF), "reward": (base, "reward")}
-        for layer in (m for m in base.modules() if isinstance(m, LoRALinear)):
+        for layer in (module for module in base.modules() if isinstance(module, LoRALinear)):
             layer.lora_A["reward"].requires_grad_(False)  # read, never trained
             layer.lora_B["reward"].requires_grad_(False)
         v_head = None
@@ -215,7 +181,7 @@ def build_models(args, device, dtype, use_critic, tokenizer):
                 reward = base.lora_configs["reward"]
                 add_lora(base, reward["r"], reward["alpha"], args.lora_dropout, reward["targets"],
                          reward["exclude"], adapter="critic")
-                for layer in (m for m in base.modules() if isinstance(m, LoRALinear)):
+                for layer in (module for module in base.modules() if isinstance(module, LoRALinear)):
                     with torch.no_grad():
                         layer.lora_A["critic"].weight.copy_(layer.lora_A["reward"].weight)
                         layer.lora_B["critic"].weight.copy_(layer.lora_B["reward"].weight)
@@ -224,7 +190,7 @@ def build_models(args, device, dtype, use_critic, tokenizer):
             roles["critic"] = (base, "critic")
             v_head = _value_head(score, args.critic_init, device)
         add_lora(base, adapter="policy", **lora_kwargs)
-        m = PPOModels(roles, v_head, _reward_head(score, bias, device), lora, "one base", sft_path)
+        models = PPOModels(roles, v_head, _reward_head(score, bias, device), lora, "one base", sft_path)
     else:  # ---- a merged reward model: two bases (LoRA), or four models (full)
         policy = load(args.sft, AutoModelForCausalLM).eval()
         roles = {"policy": (policy, None)}
@@ -251,12 +217,16 @@ def build_models(args, device, dtype, use_critic, tokenizer):
             roles["reward"] = (_frozen(reward_model), None)
         bias = getattr(reward_model.config, SCORE_BIAS, 0.0)
         plan = "two bases" if lora else "four models"
-        m = PPOModels(roles, v_head, _reward_head(score, bias, device), lora, plan, sft_path)
+        models = PPOModels(roles, v_head, _reward_head(score, bias, device), lora, plan, sft_path)
+    max_positions = getattr(models.policy.config, "max_position_embeddings", None)
+    if max_positions and args.max_length + args.response_length > max_positions:
+        raise UserError(f"--max_length {args.max_length} + --response_length {args.response_length} exceeds "
+                        f"the model's {max_positions} positions ({args.sft})")
     if args.gradient_checkpointing:
-        for model in {id(m.policy): m.policy, id(m.critic): m.critic}.values():
+        for model in {id(models.policy): models.policy, id(models.critic): models.critic}.values():
             if model is not None:
                 enable_gradient_checkpointing(model)
-    return m
+    return models
 
 
 def enable_gradient_checkpointing(model):
@@ -274,6 +244,17 @@ def enable_gradient_checkpointing(model):
             module.training = True  # this module alone: its attention and MLP stay in eval mode
 
 
+def load_tokenizers(args):
+    """The policy's tokenizer, after checking that --rm's maps text to the same ids (the reward model reads
+    the policy's token ids)."""
+    check_model_dir(args.sft, "--sft")
+    if not is_adapter_dir(args.rm):  # an RM adapter (train_rm.py's LoRA output) has no config.json
+        check_model_dir(args.rm, "--rm")
+    tokenizer = load_tokenizer(args.sft, args.trust_remote_code)
+    check_same_tokenizer(tokenizer, load_tokenizer(args.rm, args.trust_remote_code), args.sft, args.rm)
+    return tokenizer
+
+
 def check_same_tokenizer(policy_tok, rm_tok, policy_path, rm_path):
     """The reward model reads the policy's token ids, so both must map text to the same ids."""
     a, b = policy_tok.get_vocab(), rm_tok.get_vocab()
@@ -286,26 +267,3 @@ def check_same_tokenizer(policy_tok, rm_tok, policy_path, rm_path):
     for name in ("eos_token_id", "pad_token_id"):
         if getattr(policy_tok, name) != getattr(rm_tok, name):
             raise UserError(f"--sft {policy_path} and --rm {rm_path} disagree on {name}")
-
-
-def save_ppo_checkpoint(args, m, tokenizer, optimizer, scheduler, kl_ctl, update):
-    tu.save_checkpoint(args.output_dir, update, lambda out: m.save(out, tokenizer),
-                       {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "kl_ctl": kl_ctl.state_dict()}, args.save_total_limit)
-
-
-def load_ppo_checkpoint(args, m, optimizer, scheduler, kl_ctl):
-    """Restore everything the loop carries from the newest checkpoint; returns its iteration."""
-    checkpoints = tu.list_checkpoints(args.output_dir)
-    if not checkpoints:
-        tu.info(f"--resume: no checkpoint in {args.output_dir}, starting from scratch")
-        return 0
-    path = checkpoints[-1]
-    m.load(path)
-    state = tu.load_trainer_state(path)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    kl_ctl.load_state_dict(state["kl_ctl"])
-    tu.restore_rng(state)
-    tu.info(f"resumed from {path} (iteration {state['step']})")
-    return state["step"]

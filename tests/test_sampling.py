@@ -1,12 +1,13 @@
-"""Sampling with a KV cache: left padding, EOS handling, and log-probs that training reproduces."""
+"""Sampling with a KV cache (nanorlhf.sampling) and the forward passes on its batches (nanorlhf.forward):
+left padding, EOS handling, log-probs that training reproduces, trimming padding exactly."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nanorlhf.ppo import logprobs_from_logits
-from nanorlhf.rollout import (ended_with_eos, generate, policy_logits, position_ids_from, response_mask,
-                              sample_token, trim_padding)
+from nanorlhf.forward import policy_logits, position_ids_from, trim_padding
+from nanorlhf.sampling import ended_with_eos, generate, response_mask, sample_token
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +30,19 @@ def test_position_ids_count_real_tokens_only():
 
 
 def test_response_mask_cases():
-    eos, pad = 3, 0
+    eos = 3
     response = torch.tensor([[5, 6, 7, 8],    # no EOS: full length
                              [3, 0, 0, 0],    # EOS as the first token
                              [5, 3, 0, 0],    # EOS in the middle
                              [5, 6, 7, 3]])   # EOS as the last token
-    assert response_mask(response, [eos], pad).tolist() == [[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert response_mask(response, [eos]).tolist() == [[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
     assert ended_with_eos(response, [eos]).tolist() == [False, True, True, True]
 
 
 def test_greedy_kv_cache_equals_transformers_generate(lm):
     model, tok = lm
     prompt = prompts_of(tok, TEXTS[:1])
-    _, _, response, _ = generate(model, prompt, 12, [tok.eos_token_id], tok.pad_token_id, temperature=0)
+    response = generate(model, prompt, 12, [tok.eos_token_id], tok.pad_token_id, temperature=0)["response"]
     expected = model.generate(torch.tensor(prompt), max_new_tokens=12, do_sample=False,
                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(prompt[0]):]
     n = len(expected)
@@ -51,9 +52,9 @@ def test_greedy_kv_cache_equals_transformers_generate(lm):
 def test_left_padded_prompt_generates_as_if_alone(lm):
     model, tok = lm
     prompts = prompts_of(tok, TEXTS)
-    _, _, together, _ = generate(model, prompts, 10, [tok.eos_token_id], tok.pad_token_id, temperature=0)
+    together = generate(model, prompts, 10, [tok.eos_token_id], tok.pad_token_id, temperature=0)["response"]
     for i, p in enumerate(prompts):
-        _, _, alone, _ = generate(model, [p], 10, [tok.eos_token_id], tok.pad_token_id, temperature=0)
+        alone = generate(model, [p], 10, [tok.eos_token_id], tok.pad_token_id, temperature=0)["response"]
         assert together[i, :alone.size(1)].tolist() == alone[0].tolist()
 
 
@@ -61,16 +62,17 @@ def test_tokens_after_eos_are_padding(lm):
     model, tok = lm
     torch.manual_seed(1)
     # a hot temperature on a barely trained model: some rows end early, some run to the limit
-    _, _, response, logprobs = generate(model, prompts_of(tok, TEXTS) * 4, 16, [tok.eos_token_id],
-                                        tok.pad_token_id, temperature=1.5)
-    mask = response_mask(response, [tok.eos_token_id], tok.pad_token_id)
+    batch = generate(model, prompts_of(tok, TEXTS) * 4, 16, [tok.eos_token_id], tok.pad_token_id, temperature=1.5)
+    response, mask = batch["response"], batch["response_mask"]
+    assert (mask == response_mask(response, [tok.eos_token_id])).all()
     assert ((response == tok.pad_token_id) | (mask > 0)).all()  # every padded slot holds pad
-    assert (logprobs[mask == 0] == 0).all()
+    assert (batch["logprobs"][mask == 0] == 0).all()
+    assert 0 < (mask == 0).sum() < mask.numel()  # the case was there: some rows ended early, some did not
 
 
 def test_stops_early_when_every_sequence_ended(lm):
     model, tok = lm
-    _, _, response, _ = generate(model, prompts_of(tok, TEXTS[:1]), 20, list(range(len(tok))), tok.pad_token_id)
+    response = generate(model, prompts_of(tok, TEXTS[:1]), 20, list(range(len(tok))), tok.pad_token_id)["response"]
     assert response.shape == (1, 1)  # every token counts as an end here: one step, then stop
 
 
@@ -78,12 +80,10 @@ def test_stops_early_when_every_sequence_ended(lm):
 def test_rollout_logprobs_equal_the_training_forward(lm, temperature):
     model, tok = lm
     torch.manual_seed(0)
-    query, query_mask, response, logprobs = generate(model, prompts_of(tok, TEXTS), 16, [tok.eos_token_id],
-                                                     tok.pad_token_id, temperature=temperature)
-    mask = response_mask(response, [tok.eos_token_id], tok.pad_token_id)
+    batch = generate(model, prompts_of(tok, TEXTS), 16, [tok.eos_token_id], tok.pad_token_id, temperature=temperature)
+    mask, logprobs = batch["response_mask"], batch["logprobs"]
     with torch.no_grad():
-        recomputed = logprobs_from_logits(policy_logits(model, query, response, mask, query_mask, temperature),
-                                          response)
+        recomputed = logprobs_from_logits(policy_logits(model, batch, temperature), batch["response"])
     diff = torch.where(mask > 0, recomputed - logprobs, 0.0).abs().max().item()
     assert diff < 1e-4
     approx_kl = 0.5 * (torch.where(mask > 0, recomputed - logprobs, 0.0) ** 2).sum() / mask.sum()
@@ -109,37 +109,39 @@ def test_top_p_keeps_the_smallest_nucleus():
 def test_trim_padding_hand_cases():
     P = 0  # pad id
     query = torch.tensor([[P, P, 5, 6], [P, P, P, 7]])
-    query_mask = (query != P).long()
     # row 0 ends at its first token (EOS first), row 1 uses 3 of 5 columns: 2 columns are padding in both
-    response = torch.tensor([[2, P, P, P, P], [8, 9, 2, P, P]])
-    mask = torch.tensor([[1., 0, 0, 0, 0], [1, 1, 1, 0, 0]])
-    q, qm, r, m, R = trim_padding(query, query_mask, response, mask)
-    assert R == 3 and q.tolist() == [[5, 6], [P, 7]] and qm.tolist() == [[1, 1], [0, 1]]
-    assert r.tolist() == [[2, P, P], [8, 9, 2]] and m.tolist() == [[1, 0, 0], [1, 1, 1]]
+    batch = {"query": query, "query_mask": (query != P).long(),
+             "response": torch.tensor([[2, P, P, P, P], [8, 9, 2, P, P]]),
+             "response_mask": torch.tensor([[1., 0, 0, 0, 0], [1, 1, 1, 0, 0]]), "scores": torch.tensor([0.5, -1.0])}
+    trimmed = trim_padding(batch)
+    assert trimmed["query"].tolist() == [[5, 6], [P, 7]] and trimmed["query_mask"].tolist() == [[1, 1], [0, 1]]
+    assert trimmed["response"].tolist() == [[2, P, P], [8, 9, 2]]
+    assert trimmed["response_mask"].tolist() == [[1, 0, 0], [1, 1, 1]]
+    assert trimmed["scores"].tolist() == [0.5, -1.0]  # one number per row: kept as it is
     # full length and no padding: nothing to drop
-    full = torch.ones(2, 5)
-    q, qm, r, m, R = trim_padding(query[:, 2:], query_mask[:, 2:].fill_(1), response, full)
-    assert R == 5 and q.shape == (2, 2) and r.shape == (2, 5)
+    full = {**batch, "query": query[:, 2:], "query_mask": torch.ones(2, 2, dtype=torch.long),
+            "response_mask": torch.ones(2, 5)}
+    trimmed = trim_padding(full)
+    assert trimmed["query"].shape == (2, 2) and trimmed["response"].shape == (2, 5)
     # every response ended at its first token (EOS first): one column is left
     first_only = torch.zeros(2, 5)
     first_only[:, 0] = 1
-    assert trim_padding(query, query_mask, response, first_only)[4] == 1
+    assert trim_padding({**batch, "response_mask": first_only})["response"].shape == (2, 1)
 
 
 def test_trimmed_forward_equals_the_full_one(lm):
     """What the PPO update computes on a trimmed micro-batch equals the full batch's kept columns."""
     model, tok = lm
     torch.manual_seed(0)
-    query, query_mask, response, _ = generate(model, prompts_of(tok, TEXTS), 16, [tok.eos_token_id],
-                                              tok.pad_token_id, temperature=1.0)
-    mask = response_mask(response, [tok.eos_token_id], tok.pad_token_id)
+    batch = generate(model, prompts_of(tok, TEXTS), 16, [tok.eos_token_id], tok.pad_token_id, temperature=1.0)
     rows = [0, 1]  # the two shorter prompts: the longest one's left padding goes
+    two = {key: x[rows] for key, x in batch.items()}
     with torch.no_grad():
-        full = logprobs_from_logits(policy_logits(model, query[rows], response[rows], mask[rows], query_mask[rows]),
-                                    response[rows])
-        q, qm, r, m, R = trim_padding(query[rows], query_mask[rows], response[rows], mask[rows])
-        trimmed = logprobs_from_logits(policy_logits(model, q, r, m, qm), r)
-    assert q.size(1) < query.size(1)
-    assert trimmed.shape == (2, R)
-    assert torch.where(mask[rows, :R] > 0, trimmed - full[:, :R], 0.0).abs().max() < 1e-5
-    assert (mask[rows, R:] == 0).all()  # nothing real was dropped
+        full = logprobs_from_logits(policy_logits(model, two), two["response"])
+        trimmed_batch = trim_padding(two)
+        trimmed = logprobs_from_logits(policy_logits(model, trimmed_batch), trimmed_batch["response"])
+    R = trimmed.size(1)
+    assert trimmed_batch["query"].size(1) < batch["query"].size(1)
+    mask = two["response_mask"]
+    assert torch.where(mask[:, :R] > 0, trimmed - full[:, :R], 0.0).abs().max() < 1e-5
+    assert (mask[:, R:] == 0).all()  # nothing real was dropped
