@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEMO ?= runs/demo
 
-.PHONY: install install-dev demo ablate test test-fast bench lint data clean
+.PHONY: install install-dev demo ablate rewards test test-fast bench lint data clean
 
 # torch is installed only when missing, so a CUDA build you already have is kept.
 # (torch==2.13.0 is the CPU wheel this project is developed and tested with.)
@@ -25,6 +25,10 @@ ablate: install
 	    --data data/demo/ppo.jsonl --eval_data data/demo/test.jsonl --output_dir runs/ablate --seeds 1 \
 	    -- --num_updates 10 --batch_size 16 --learning_rate 3e-4 --logging_steps 1 --response_length 96 \
 	    --missing_eos_penalty 5
+
+# Rewards a program computes: GRPO on a rule reward, and PPO/GRPO on the gold rubric beside the RM (make demo first).
+rewards: install
+	bash scripts/rewards.sh $(DEMO) runs/rewards
 
 test: install-dev
 	$(PYTHON) -m pytest -q tests

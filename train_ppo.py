@@ -34,11 +34,13 @@ from nanorlhf.args import BaseArgs, parse_args, set_seed, start
 from nanorlhf.checkpoint import Run
 from nanorlhf.data import encode_prompt, prompt_messages, read_records
 from nanorlhf.errors import UserError, run_main
-from nanorlhf.forward import PolicyAndValue, critic_values, logprobs_of, reward_scores, trim_padding
+from nanorlhf.forward import (PolicyAndValue, critic_values, logprobs_of, reward_scores, reward_scores_of_texts,
+                              trim_padding)
 from nanorlhf.loading import describe
 from nanorlhf.metrics import check_finite, info
 from nanorlhf.ppo_models import build_models, describe_plan, load_tokenizers
-from nanorlhf.sampling import ended_with_eos, generate
+from nanorlhf.rewards import compute_rewards, load_reward_fns
+from nanorlhf.sampling import decode_responses, ended_with_eos, generate
 from nanorlhf.template import stop_ids
 from nanorlhf.training import warmup_cosine
 
@@ -82,6 +84,17 @@ class Args(BaseArgs):
     cliprange_value: float = dataclasses.field(default=0.2, metadata={"help": "value clip (<= 0 = off)"})
     vf_coef: float = dataclasses.field(default=0.1, metadata={"help": "value loss coefficient"})
     critic_init: str = dataclasses.field(default="rm", metadata={"help": "value head from the rm head, or fresh"})
+    # rewards a program computes (nanorlhf/rewards.py), alone or beside the reward model
+    reward_fn: str = dataclasses.field(default="", metadata={"help": "reward function(s) FILE.py:NAME or "
+                                       "package.module:NAME, comma-separated, summed (e.g. nanorlhf.rewards:accuracy)"})
+    reward_fn_kwargs: str = dataclasses.field(default="", metadata={"help": "JSON object of keyword arguments "
+                                              "for the reward function(s)"})
+    rm_weight: float = dataclasses.field(default=1.0, metadata={"help": "score = rm_weight * rm + "
+                                                                 "reward_fn_weight * fn"})
+    reward_fn_weight: float = dataclasses.field(default=1.0, metadata={"help": "see --rm_weight"})
+    rm_tokenizer_mismatch: str = dataclasses.field(default="error", metadata={
+        "help": "a reward model with another tokenizer: error, or retokenize (it scores the decoded text)",
+        "choices": ["error", "retokenize"]})
     recompute_old_logprobs: bool = dataclasses.field(default=False, metadata={"help": "recompute old log-probs "
                                                      "in a training forward instead of reusing the rollout's"})
     gradient_checkpointing: bool = dataclasses.field(default=False, metadata={"help": "trade compute for memory"})
@@ -101,6 +114,8 @@ def check_args(args, world):
         raise UserError(f"--kl_estimator must be k1, k2 or k3, got {args.kl_estimator!r}")
     if args.critic_init not in ("rm", "fresh"):
         raise UserError(f"--critic_init must be rm or fresh, got {args.critic_init!r}")
+    if not args.rm and not args.reward_fn:
+        raise UserError("--rm (a reward model) or --reward_fn (a reward function) is required")
     prompts_per_update = max(1, args.batch_size // group)
     if prompts_per_update % world.size:
         raise UserError(f"--batch_size {args.batch_size} / --num_samples_per_prompt {group} = {prompts_per_update} "
@@ -113,13 +128,17 @@ def check_args(args, world):
 
 
 def load_prompts(tokenizer, paths, max_length):
+    """Each prompt record as {"ids", "messages", "text" (its last turn), "record", "where"}: the record and
+    where it came from go to the reward functions."""
     prompts, too_long = [], []
     for where, rec in read_records(paths):
-        ids = encode_prompt(tokenizer, prompt_messages(rec, where), where)
+        messages = prompt_messages(rec, where)
+        ids = encode_prompt(tokenizer, messages, where)
         if len(ids) > max_length:
             too_long.append(where)
             continue
-        prompts.append(ids)
+        prompts.append({"ids": ids, "messages": messages, "text": messages[-1]["content"], "record": rec,
+                        "where": where})
     if not prompts:
         raise UserError(f"{too_long[0]}: no prompt fits in --max_length {max_length} tokens "
                         f"(all {len(too_long)} are longer)")
@@ -127,6 +146,28 @@ def load_prompts(tokenizer, paths, max_length):
         info(f"warning: skipped {len(too_long)} prompts longer than --max_length {max_length} tokens "
              f"(first at {too_long[0]})")
     return prompts
+
+
+def score_responses(models, rollout, batch_prompts, tokenizer, reward_fns, args):
+    """Step 2: the reward model's score and/or the reward functions' of each response, weighted and summed
+    ([B]); and the mean of each source, for the log."""
+    scores, means = 0.0, {}
+    texts = decode_responses(tokenizer, rollout) if reward_fns or models.rm_tokenizer else None
+    if "reward" in models.roles:
+        with models.role("reward") as reward_model:  # a shared base, in the reward's adapter state
+            if models.rm_tokenizer is None:  # it reads the policy's token ids
+                rm_scores = reward_scores(reward_model, rollout, models.reward_head)
+            else:
+                rm_scores = reward_scores_of_texts(reward_model, models.rm_tokenizer,
+                                                   [p["messages"] for p in batch_prompts], texts, models.reward_head)
+        scores, means["objective/rm_scores"] = args.rm_weight * rm_scores.to(rollout["logprobs"].device), rm_scores
+    if reward_fns:
+        fn_scores = torch.tensor(compute_rewards(reward_fns, [p["text"] for p in batch_prompts], texts,
+                                                 [p["record"] for p in batch_prompts],
+                                                 [p["where"] for p in batch_prompts]),
+                                 dtype=torch.float32, device=rollout["logprobs"].device)
+        scores, means["objective/fn_scores"] = scores + args.reward_fn_weight * fn_scores, fn_scores
+    return scores, {name: values.mean().item() for name, values in means.items()}
 
 
 def ppo_loss(policy_and_value, mb, args, losses):
@@ -186,13 +227,15 @@ def main():
     world, device, dtype = start(args)  # under torchrun: join the other processes; device, dtype, seed
     check_args(args, world)
 
-    # ---- tokenizer (the reward model's must agree: it reads the policy's token ids) and prompts
-    tokenizer = load_tokenizers(args)
+    # ---- tokenizers (a reward model reads the policy's token ids, or --rm_tokenizer_mismatch retokenize),
+    # reward functions, prompts
+    tokenizer, rm_tokenizer = load_tokenizers(args)
+    reward_fns = load_reward_fns(args.reward_fn, args.reward_fn_kwargs)
     prompts = load_prompts(tokenizer, args.data, args.max_length)
 
     # ---- models: policy, reference, reward, critic; see nanorlhf/ppo_models.py for the memory plan
     use_critic = args.advantage_estimator == "gae"
-    models = build_models(args, device, dtype, use_critic, tokenizer)
+    models = build_models(args, device, dtype, use_critic, tokenizer, rm_tokenizer)
     eos_ids = stop_ids(tokenizer, models.policy)  # a response ends at the end of turn or any of the model's EOS
     if world.enabled:  # the models are built alike on every rank; from here each rank samples its own responses
         set_seed(args.seed + world.rank)
@@ -224,22 +267,24 @@ def main():
     # What is trained, as one module: under torchrun one DDP wrapper syncs the policy's and the critic's gradients
     policy_and_value = dist.wrap(PolicyAndValue(models, args.temperature), world)
 
+    episodes = run.trainer_state.get("episodes", 0)  # responses sampled so far (a resumed run's from its checkpoint)
     with run:  # Ctrl-C: finish this iteration, save a checkpoint, stop
         for update, micro in run.steps(len(prompts), prompts_per_update):
             t0 = time.time()
-            _, idx = micro[0]  # one batch of prompt indices per iteration
+            _, idx = micro[0]  # one batch of prompt indices per iteration (an epoch's last may be short)
             batch_prompts = [prompts[i] for i in dist.shard(idx, world) for _ in range(group)]  # prompt-major
+            episodes += len(idx) * group
 
             # ---- 1. rollout (no gradients; dropout is off everywhere, see build_models)
             with models.role("policy") as policy:
-                rollout = generate(policy, batch_prompts, args.response_length, eos_ids, tokenizer.pad_token_id,
-                                   args.temperature, args.top_k, args.top_p)
+                rollout = generate(policy, [p["ids"] for p in batch_prompts], args.response_length, eos_ids,
+                                   tokenizer.pad_token_id, args.temperature, args.top_k, args.top_p)
             mask = rollout["response_mask"]
             t_rollout = time.time()
             with torch.no_grad():
-                # ---- 2. score once per sequence; a response that never ended is penalised
-                with models.role("reward") as reward_model:  # a shared base, in the reward's adapter state
-                    scores = reward_scores(reward_model, rollout, models.reward_head)
+                # ---- 2. score once per sequence (reward model, reward functions); a response that never
+                # ended is penalised
+                scores, score_means = score_responses(models, rollout, batch_prompts, tokenizer, reward_fns, args)
                 ended = ended_with_eos(rollout["response"], eos_ids)
                 scores = ppo.penalize_scores(scores, ended, args.missing_eos_penalty, args.reward_clip)
                 check_finite(scores.mean().item(), update, "the reward model's score")
@@ -294,7 +339,8 @@ def main():
 
             # ---- log, adapt the KL coefficient, checkpoint
             row = {**iteration_metrics(rollout, rewards, ended, losses, weights, n_minibatches, kl_ctl.value, args),
-                   "kl_coef": kl_ctl.value, "lr": scheduler.get_last_lr()[0], "episodes": update * args.batch_size,
+                   **score_means,
+                   "kl_coef": kl_ctl.value, "lr": scheduler.get_last_lr()[0], "episodes": episodes,
                    "time/rollout_s": t_rollout - t0, "time/score_s": t_score - t_rollout,
                    "time/update_s": time.time() - t_score}
             row = dist.mean_over_ranks(row)  # each rank measured its equal share of the batch
@@ -302,7 +348,7 @@ def main():
             kl_ctl.update(row["objective/kl"], len(batch_prompts) * world.size)
             if update % args.logging_steps == 0 or update == num_updates or update == 1:
                 run.metrics.log(update, **row)
-            run.end_step(update, score=row["objective/scores"], kl=row["objective/kl"])
+            run.end_step(update, extra={"episodes": episodes}, score=row["objective/scores"], kl=row["objective/kl"])
     run.finish(policy_and_value, f"saved the policy to {os.path.abspath(args.output_dir)}" + (
         f" (a LoRA adapter: merge it with merge_lora.py --base {args.sft})" if models.lora else ""))
 

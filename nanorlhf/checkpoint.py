@@ -206,9 +206,12 @@ class Run:
         self.ctrl_c = CtrlC()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, traceback):
         self.ctrl_c.restore()
         self.bar.close()
+        if exc_type is not None and dist.is_main() and os.path.isdir(self.args.output_dir) \
+                and not os.listdir(self.args.output_dir):
+            os.rmdir(self.args.output_dir)  # stopped before it wrote anything: leave no empty output dir
 
     def steps(self, n_examples, batch_size, micro_per_step=1):
         """The loop's optimizer steps, from where a resumed run stopped to the last: yields (step, micro),

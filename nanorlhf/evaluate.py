@@ -34,7 +34,7 @@ from nanorlhf.lora import load_adapter, merge_lora
 from nanorlhf.metrics import info
 from nanorlhf.forward import policy_logits, reward_scores
 from nanorlhf.rubric import gold_score, has_repeat, load_world
-from nanorlhf.sampling import ended_with_eos, generate
+from nanorlhf.sampling import decode_responses, ended_with_eos, generate
 from nanorlhf.template import stop_ids
 
 _WORD = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]+", re.UNICODE)  # one CJK character, or a word
@@ -150,8 +150,7 @@ def main(argv=None):
                 kls += kl_to_reference(model, ref, batch).tolist()
             lengths += batch["response_mask"].sum(1).tolist()
             ended += ended_with_eos(batch["response"], eos_ids).tolist()
-            for row, row_mask in zip(batch["response"], batch["response_mask"]):
-                answers.append(tok.decode(row[row_mask > 0], skip_special_tokens=True).strip())
+            answers += decode_responses(tok, batch)
         row = {"model": name, "n": len(answers), "ended": statistics.mean(ended),
                "no_repeat": statistics.mean(not has_repeat(a) for a in answers),
                "response_length": statistics.mean(lengths), f"kl_to_{ref_name}": statistics.mean(kls),

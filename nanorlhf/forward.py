@@ -10,6 +10,7 @@ prompt alone.
 import torch
 from torch import nn
 
+from nanorlhf.data import encode_answer, pad_with_mask
 from nanorlhf.ppo import logprobs_from_logits
 from nanorlhf.rm import backbone, score
 
@@ -71,6 +72,16 @@ def critic_values(seq_model, v_head, batch):
 def reward_scores(seq_model, batch, head=None):
     """The reward model's score [B] of each query + response, read at its last real token (rm.score)."""
     return score(seq_model, *sequences(batch), head)
+
+
+def reward_scores_of_texts(seq_model, tokenizer, prompts, responses, head=None):
+    """The score [B] a reward model with a tokenizer of its own gives each (prompt messages, response text):
+    the dialogue re-rendered with its chat template and tokenizer (data.encode_answer), as it was trained."""
+    input_ids, attention_mask = pad_with_mask([encode_answer(tokenizer, messages, response)
+                                               for messages, response in zip(prompts, responses)],
+                                              tokenizer.pad_token_id)
+    device = next(seq_model.parameters()).device
+    return score(seq_model, input_ids.to(device), attention_mask.to(device), head=head)
 
 
 class PolicyAndValue(nn.Module):

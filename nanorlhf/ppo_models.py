@@ -9,6 +9,11 @@ The memory plans for one GPU (LoRA, the default), by what --rm is:
         policy    = SFT model + LoRA                     reference = the same weights, adapters off
         critic    = RM backbone + its own LoRA + a value head
         reward    = the same RM weights, adapters off, read through the RM's score head
+  - no reward model (--reward_fn alone), or one with a tokenizer of its own: the critic cannot read
+    the policy's ids through the RM, so it lives on the SFT base
+        policy    = base + the "policy" adapter          reference = the base, adapters off
+        critic    = base + a "critic" adapter + a fresh value head
+        reward    = the reward model apart, fed its own tokenizer's ids (or none)
 `--finetuning_type full` trains the policy and the critic whole, which needs separate frozen copies
 for the reference and the reward. Each role names the model it runs on and the adapter state to
 run it in (`PPOModels.roles`): an adapter's name, OFF (the base alone), or None (the model as is).
@@ -27,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from nanorlhf.checkpoint import load_weights, save_model
 from nanorlhf.errors import UserError
 from nanorlhf.loading import check_model_dir, load_model, load_tokenizer
+from nanorlhf.metrics import info
 from nanorlhf.lora import (LoRALinear, active_adapter, add_lora, disable_adapters, load_adapter, read_adapter_tensors,
                            use_adapter)
 from nanorlhf.rm import CONFIG_FILE, SCORE_BIAS
@@ -45,10 +51,11 @@ def in_role(model, adapter):
 class PPOModels:
     roles: dict  # "policy" | "reference" | "reward" | "critic" -> (model, adapter state); critic absent without one
     v_head: nn.Module | None
-    reward_head: nn.Module  # the reward model's score head (its bias: --normalize_scores' offset)
+    reward_head: nn.Module | None  # the reward model's score head (its bias: --normalize_scores' offset)
     lora: bool
-    plan: str  # "one base" | "two bases" | "four models", for the log
+    plan: str  # "one base" | "two bases" | "four models" | ..., for the log
     sft_path: str = ""
+    rm_tokenizer: object = None  # a reward model's own tokenizer (None: it reads the policy's token ids)
 
     @property
     def policy(self):
@@ -118,12 +125,11 @@ def is_adapter_dir(path):
     return os.path.isfile(os.path.join(path, "adapter_config.json"))
 
 
-def _value_head(score_weight, critic_init, device):
-    """A value head [d] -> 1 with a bias, from the reward head (critic_init "rm") or fresh."""
-    hidden = score_weight.size(1)
+def _value_head(hidden, device, score_weight=None):
+    """A value head [d] -> 1 with a bias, from the reward head's weight (critic_init "rm") or fresh."""
     v_head = nn.Linear(hidden, 1, device=device, dtype=torch.float32)
     with torch.no_grad():
-        if critic_init == "rm":  # start the value head where the reward head is
+        if score_weight is not None:  # start the value head where the reward head is
             v_head.weight.copy_(score_weight.float())
         else:  # a fresh head, as the reward head's init (Huang et al. 2024)
             v_head.weight.normal_(0.0, 1.0 / (hidden + 1) ** 0.5)
@@ -156,9 +162,45 @@ def _check_rm_adapter(args):
                         "(or merge it with merge_lora.py)")
 
 
-def build_models(args, device, dtype, use_critic, tokenizer):
+def _critic_on_sft(args, load, lora, lora_kwargs, use_critic, device, rm_tokenizer):
+    """The plan without a reward model that reads the policy's ids: the critic is an adapter on the SFT
+    model (LoRA) or a copy of it (full), with a fresh value head; the reward model, if any, stands apart."""
+    policy = load(args.sft, AutoModelForCausalLM).eval()
+    roles, v_head = {}, None
+    if use_critic:
+        if lora:
+            add_lora(policy, adapter="critic", **lora_kwargs)
+            roles["critic"] = (policy, "critic")
+        else:
+            critic = load(args.sft, AutoModelForSequenceClassification, num_labels=1).eval()
+            critic.score.requires_grad_(False)  # unused: the value head reads the backbone
+            roles["critic"] = (critic, None)
+        v_head = _value_head(policy.config.hidden_size, device)
+        if args.critic_init == "rm":
+            info("--critic_init rm: the critic cannot start as the reward model here; its value head starts fresh")
+    if lora:
+        add_lora(policy, adapter="policy", **lora_kwargs)
+        roles.update(policy=(policy, "policy"), reference=(policy, OFF))
+    else:
+        roles.update(policy=(policy, None), reference=(_frozen(load(args.sft, AutoModelForCausalLM)), None))
+    reward_head = None
+    if args.rm:
+        reward_model = _frozen(load_model(args.rm, AutoModelForSequenceClassification, device, policy.dtype,
+                                          args.trust_remote_code, tokenizer=rm_tokenizer, num_labels=1))
+        roles["reward"] = (reward_model, None)
+        reward_head = _reward_head(reward_model.score.weight.detach(), getattr(reward_model.config, SCORE_BIAS, 0.0),
+                                   device)
+    bases = len({id(model) for model, _ in roles.values()})
+    plan = ", ".join(["one base" if bases == 1 else f"{bases} models",
+                      "the critic on the SFT model" if use_critic else "no critic",
+                      "the reward model apart with its own tokenizer" if args.rm else "no reward model"])
+    return PPOModels(roles, v_head, reward_head, lora, plan, os.path.abspath(args.sft), rm_tokenizer)
+
+
+def build_models(args, device, dtype, use_critic, tokenizer, rm_tokenizer=None):
     """Load and wire the models for PPO. Every model stays in eval mode: dropout would make the
-    log-probs of the training forward differ from the rollout's (N+ implementation details)."""
+    log-probs of the training forward differ from the rollout's (N+ implementation details).
+    rm_tokenizer: the reward model's own tokenizer when it does not read the policy's token ids."""
     lora = args.finetuning_type == "lora"
     lora_kwargs = dict(r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_target)
     load = lambda path, cls, **kw: load_model(path, cls, device, dtype, args.trust_remote_code,  # noqa: E731
@@ -188,9 +230,11 @@ def build_models(args, device, dtype, use_critic, tokenizer):
             else:
                 add_lora(base, adapter="critic", **lora_kwargs)
             roles["critic"] = (base, "critic")
-            v_head = _value_head(score, args.critic_init, device)
+            v_head = _value_head(score.size(1), device, score if args.critic_init == "rm" else None)
         add_lora(base, adapter="policy", **lora_kwargs)
         models = PPOModels(roles, v_head, _reward_head(score, bias, device), lora, "one base", sft_path)
+    elif not args.rm or rm_tokenizer is not None:  # ---- the critic on the SFT base; the reward model apart
+        models = _critic_on_sft(args, load, lora, lora_kwargs, use_critic, device, rm_tokenizer)
     else:  # ---- a merged reward model: two bases (LoRA), or four models (full)
         policy = load(args.sft, AutoModelForCausalLM).eval()
         roles = {"policy": (policy, None)}
@@ -212,7 +256,7 @@ def build_models(args, device, dtype, use_critic, tokenizer):
                 critic.score.requires_grad_(False)
                 roles["reward"] = (_frozen(reward_model), None)
             roles["critic"] = (critic, None)
-            v_head = _value_head(score, args.critic_init, device)
+            v_head = _value_head(score.size(1), device, score if args.critic_init == "rm" else None)
         else:
             roles["reward"] = (_frozen(reward_model), None)
         bias = getattr(reward_model.config, SCORE_BIAS, 0.0)
@@ -245,25 +289,42 @@ def enable_gradient_checkpointing(model):
 
 
 def load_tokenizers(args):
-    """The policy's tokenizer, after checking that --rm's maps text to the same ids (the reward model reads
-    the policy's token ids)."""
+    """(the policy's tokenizer, the reward model's own tokenizer or None). None: the reward model reads the
+    policy's token ids, which needs the same tokenizer; with --rm_tokenizer_mismatch retokenize it scores
+    the decoded text re-rendered with its own tokenizer and chat template instead."""
     check_model_dir(args.sft, "--sft")
-    if not is_adapter_dir(args.rm):  # an RM adapter (train_rm.py's LoRA output) has no config.json
-        check_model_dir(args.rm, "--rm")
     tokenizer = load_tokenizer(args.sft, args.trust_remote_code)
-    check_same_tokenizer(tokenizer, load_tokenizer(args.rm, args.trust_remote_code), args.sft, args.rm)
-    return tokenizer
+    if not args.rm:
+        return tokenizer, None
+    if is_adapter_dir(args.rm):  # an RM adapter (train_rm.py's LoRA output) shares --sft's base and tokenizer
+        if args.rm_tokenizer_mismatch == "retokenize":
+            raise UserError(f"--rm {args.rm} is an adapter on --sft: it reads the policy's token ids; "
+                            "--rm_tokenizer_mismatch retokenize needs a merged reward model")
+        differs = tokenizer_difference(tokenizer, load_tokenizer(args.rm, args.trust_remote_code))
+        if differs:
+            raise UserError(f"--sft {args.sft} and --rm {args.rm} have different tokenizers ({differs})")
+        return tokenizer, None
+    check_model_dir(args.rm, "--rm")
+    rm_tokenizer = load_tokenizer(args.rm, args.trust_remote_code)
+    differs = tokenizer_difference(tokenizer, rm_tokenizer)
+    if args.rm_tokenizer_mismatch == "retokenize":
+        info(f"--rm_tokenizer_mismatch retokenize: the reward model scores each prompt and response as text, "
+             f"re-rendered with its own chat template and tokenizer ({differs or 'the same tokenizer as --sft'})")
+        return tokenizer, rm_tokenizer
+    if differs:
+        raise UserError(f"--sft {args.sft} and --rm {args.rm} have different tokenizers ({differs}): train the "
+                        "reward model from the SFT model, or pass --rm_tokenizer_mismatch retokenize")
+    return tokenizer, None
 
 
-def check_same_tokenizer(policy_tok, rm_tok, policy_path, rm_path):
-    """The reward model reads the policy's token ids, so both must map text to the same ids."""
+def tokenizer_difference(policy_tok, rm_tok):
+    """Why the reward model cannot read the policy's token ids (one phrase), or "" when it can."""
     a, b = policy_tok.get_vocab(), rm_tok.get_vocab()
     if a != b:
         tokens_a, tokens_b = ({i: t for t, i in vocab.items()} for vocab in (a, b))
         i = min(i for i in tokens_a.keys() | tokens_b.keys() if tokens_a.get(i) != tokens_b.get(i))
-        raise UserError(f"--sft {policy_path} and --rm {rm_path} have different tokenizers ({len(a)} vs {len(b)} "
-                        f"tokens; id {i} is {tokens_a.get(i)!r} vs {tokens_b.get(i)!r}): "
-                        "train the reward model from the SFT model")
+        return f"{len(a)} vs {len(b)} tokens; id {i} is {tokens_a.get(i)!r} vs {tokens_b.get(i)!r}"
     for name in ("eos_token_id", "pad_token_id"):
         if getattr(policy_tok, name) != getattr(rm_tok, name):
-            raise UserError(f"--sft {policy_path} and --rm {rm_path} disagree on {name}")
+            return f"they disagree on {name}"
+    return ""

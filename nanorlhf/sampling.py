@@ -74,6 +74,12 @@ def generate(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=1.0, t
             "response_mask": response_mask(response, eos_ids), "logprobs": torch.stack(logprobs, 1)}
 
 
+def decode_responses(tokenizer, batch):
+    """The text of each response of a batch, without its end-of-turn token or padding: [B] strings."""
+    return [tokenizer.decode(row[row_mask > 0], skip_special_tokens=True).strip()
+            for row, row_mask in zip(batch["response"], batch["response_mask"])]
+
+
 def response_mask(response, eos_ids):
     """1.0 on real response tokens (up to and including the first EOS), 0.0 after it."""
     is_eos = torch.isin(response, torch.tensor(sorted(set(eos_ids)), device=response.device))

@@ -81,6 +81,17 @@ def run_as_main(script, args, stderr_path):
     os._exit(code)
 
 
+def other_tokenizer_model(folder):
+    """A tiny model whose tokenizer was trained with another vocabulary size: the same text, other ids."""
+    from nanorlhf.tiny import build_tiny_model, train_tokenizer
+
+    with open(os.path.join(DEMO, "pt.txt"), encoding="utf-8") as f:
+        tokenizer = train_tokenizer(f.read().splitlines()[:300], vocab_size=1000)
+    build_tiny_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def demo_subset(root, counts):
     """The first n records of demo files into root: {"sft.jsonl": 10, ...}; returns root."""
     for name, n in counts.items():

@@ -18,12 +18,11 @@ import sys
 
 import pytest
 import torch
-from conftest import DEMO, ROOT, run_as_main, run_script
+from conftest import DEMO, ROOT, other_tokenizer_model, run_as_main, run_script
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from nanorlhf.data import encode_dialogue, to_messages
 from nanorlhf.lora import load_adapter
-from nanorlhf.tiny import build_tiny_model, train_tokenizer
 
 BAD_DATA = {  # name: (file name, bytes, stderr after "error: " with {p} for the file's path)
     "empty file": ("d.jsonl", b"", "{p}: file is empty (no records)"),
@@ -93,15 +92,6 @@ def reward_model(folder, model_dir):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rm.config.pad_token_id = tokenizer.pad_token_id
     rm.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-def other_tokenizer_model(folder):
-    """A tiny model whose tokenizer was trained with another vocabulary size: the same text, other ids."""
-    with open(os.path.join(DEMO, "pt.txt"), encoding="utf-8") as f:
-        tokenizer = train_tokenizer(f.read().splitlines()[:300], vocab_size=1000)
-    build_tiny_model(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 
@@ -196,7 +186,7 @@ def cases(tmp, model_dir):
             model_dir, other, prompts, [],
             f"--sft {model_dir} and --rm {other} have different tokenizers "
             f"({len(ours)} vs {len(theirs)} tokens; id {first} is {ours_first!r} vs {theirs_first!r}): "
-            "train the reward model from the SFT model"),
+            "train the reward model from the SFT model, or pass --rm_tokenizer_mismatch retokenize"),
         "--response_length beyond the model's positions": (
             model_dir, rm, prompts, ["--response_length", "1000"],
             f"--max_length 256 + --response_length 1000 exceeds the model's 512 positions ({model_dir})"),

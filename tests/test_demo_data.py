@@ -12,7 +12,7 @@ from nanorlhf.rubric import gold_score, load_world
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
 SCRIPT = DEMO / "make_demo.py"
 OUTPUTS = ["world.json", "pt.txt", "sft.jsonl", "sft_alpaca.jsonl", "rm.jsonl", "rm_test.jsonl",
-           "ppo.jsonl", "test.jsonl"]
+           "ppo.jsonl", "grpo.jsonl", "test.jsonl"]
 JSONL = [name for name in OUTPUTS if name.endswith(".jsonl")]
 HANZI = re.compile(r"[\u4e00-\u9fff]")
 
@@ -27,7 +27,7 @@ def first_user_turn(split, record):
         return next(t["value"] for t in record["conversations"] if t["from"] == "human")
     if split == "sft_alpaca.jsonl":
         return record["input"] or record["instruction"]
-    return record["prompt"]
+    return record["question"] if split == "grpo.jsonl" else record["prompt"]
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,11 @@ def test_every_record_parses_and_has_its_fields():
         assert rec["prompt"]
     for rec in read_jsonl("test.jsonl"):
         assert rec["prompt"] and rec["reference"] and rec["lang"] in ("en", "zh") and rec["condition"]
+    world = {c["id"]: c for c in load_world(DEMO / "world.json")["conditions"]}
+    for ppo, grpo in zip(read_jsonl("ppo.jsonl"), read_jsonl("grpo.jsonl"), strict=True):
+        # the same prompts, as question/answer: the answer is a word of the case's doctor sentence
+        assert grpo["question"] == ppo["prompt"] and grpo["condition"] == ppo["condition"]
+        assert grpo["answer"] in world[grpo["condition"]][f"doctor_{grpo['lang']}"]
     lines = (DEMO / "pt.txt").read_text(encoding="utf-8").splitlines()
     assert 1500 <= len(lines) <= 3000 and all(line.strip() for line in lines)
 
@@ -74,7 +79,7 @@ def test_split_sizes():
     sizes = {name: len(read_jsonl(name)) for name in JSONL}
     assert 600 <= sizes["sft.jsonl"] <= 1000 and 1200 <= sizes["rm.jsonl"] <= 2000
     assert sizes["sft_alpaca.jsonl"] == 50 and sizes["rm_test.jsonl"] == 150
-    assert sizes["ppo.jsonl"] == 300 and sizes["test.jsonl"] == 60
+    assert sizes["ppo.jsonl"] == sizes["grpo.jsonl"] == 300 and sizes["test.jsonl"] == 60
 
 
 def test_sft_has_system_turns_and_some_multi_turn_dialogues():

@@ -1,6 +1,6 @@
 """Checkpoints under fire: a run killed with SIGKILL right after a checkpoint and resumed with
---resume ends bit-identical (on CPU) to a run never interrupted, for SFT, RM and PPO (LoRA and
-full); Ctrl-C saves a checkpoint and exits cleanly; a diverged run stops and keeps its last good
+--resume ends bit-identical (on CPU) to a run never interrupted, for SFT, RM and PPO (LoRA, full, one base,
+a reward function); Ctrl-C saves a checkpoint and exits cleanly; a diverged run stops and keeps its last good
 checkpoint.
 
 Every run goes through the real scripts, as forks of one process that imported them once (launcher.py).
@@ -47,7 +47,9 @@ def stage_args(stage, tiny_model_dir, rm_dir, data, rm_adapter=None):
             "ppo": ppo,
             "ppo full": [*ppo, "--finetuning_type", "full"],
             # the RM stage's LoRA adapter, trained on the same model: one base for all four roles
-            "ppo one base": [*ppo[:4], rm_adapter, *ppo[5:]]}[stage]
+            "ppo one base": [*ppo[:4], rm_adapter, *ppo[5:]],
+            # no reward model: the demo's gold rubric as a reward function, the critic on the SFT model
+            "ppo reward_fn": [*ppo[:3], *ppo[5:], "--reward_fn", "nanorlhf.rewards:gold"]}[stage]
 
 
 def final_weights(out):
@@ -86,7 +88,7 @@ def assert_same_run(out, reference):
 def unbroken(launcher, tiny_model_dir, rm_dir, data, tmp_path_factory):
     """Each stage run once, never interrupted (and never checkpointed): the reference."""
     root, outs = tmp_path_factory.mktemp("unbroken"), {}
-    for stage in ("sft", "rm", "ppo", "ppo full", "ppo one base"):
+    for stage in ("sft", "rm", "ppo", "ppo full", "ppo reward_fn", "ppo one base"):
         outs[stage] = root / stage.replace(" ", "-")
         code, stderr = launcher.run(*stage_args(stage, tiny_model_dir, rm_dir, data, outs.get("rm")),
                                     "--output_dir", outs[stage])
@@ -96,7 +98,8 @@ def unbroken(launcher, tiny_model_dir, rm_dir, data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage,save_steps,kept",
-                         [("sft", 3, 6), ("rm", 3, 6), ("ppo", 2, 4), ("ppo full", 2, 4), ("ppo one base", 2, 4)])
+                         [("sft", 3, 6), ("rm", 3, 6), ("ppo", 2, 4), ("ppo full", 2, 4), ("ppo one base", 2, 4),
+                          ("ppo reward_fn", 2, 4)])
 def test_killed_run_resumed_ends_bit_identical_to_an_unbroken_one(stage, save_steps, kept, launcher, unbroken,
                                                                    tiny_model_dir, rm_dir, data, tmp_path):
     """SIGKILL right after checkpoint-<save_steps> appears, then --resume (--save_total_limit 1)."""

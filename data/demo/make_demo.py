@@ -11,6 +11,9 @@ when to see a doctor, in English and Chinese. From them come the four stages' da
     rm.jsonl        preference pairs: chosen = condition + advice + doctor, rejected = worse
     rm_test.jsonl   held-out preference pairs
     ppo.jsonl       prompts for PPO
+    grpo.jsonl      the same prompts as MedicalGPT's GRPO records, {"question", "answer"}: the answer is
+                    the fact a full answer must hold about when to see a doctor ("ten days"), which a
+                    rule reward (nanorlhf.rewards:accuracy) checks
     test.jsonl      held-out prompts with the full reference answer
 
 Most SFT answers leave out the doctor sentence on purpose (as in MedicalGPT's covid-doctor demo):
@@ -432,6 +435,14 @@ def make_ppo(rng, sampler):
     return records
 
 
+def make_grpo(ppo_records):
+    """ppo.jsonl as question/answer records: the answer is the distinctive doctor keyword of the case
+    (no random draw: a pure function of ppo.jsonl)."""
+    by_id = {c["id"]: c for c in CONDITIONS}
+    return [{"question": r["prompt"], "answer": by_id[r["condition"]][f"doctor_keywords_{r['lang']}"][-1],
+             "condition": r["condition"], "lang": r["lang"]} for r in ppo_records]
+
+
 def make_test(rng, sampler):
     """Balanced: every condition N_TEST_PER_CONDITION times, languages alternating."""
     records = []
@@ -512,6 +523,7 @@ def main():
     splits["sft_alpaca"] = make_alpaca(random.Random(SEED + 6), sampler)
     pt = make_pt(random.Random(SEED + 7))
     check_sizes(pt)
+    grpo = make_grpo(splits["ppo"])
 
     seen = {}
     for split, records in splits.items():
@@ -523,11 +535,11 @@ def main():
     with open(out / "world.json", "w", encoding="utf-8", newline="\n") as f:
         f.write(json.dumps(world, ensure_ascii=False, indent=1) + "\n")
     write_lines(out / "pt.txt", pt)
-    for split, records in splits.items():
+    for split, records in {**splits, "grpo": grpo}.items():
         write_lines(out / f"{split}.jsonl", [json.dumps(r, ensure_ascii=False) for r in records])
     total = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     assert total < 1_500_000, f"data/demo is {total} bytes; keep it under 1.5 MB"
-    print(f"wrote {len(splits) + 2} files to {out} ({total / 1000:.0f} kB)")
+    print(f"wrote {len(splits) + 3} files to {out} ({total / 1000:.0f} kB)")
 
 
 if __name__ == "__main__":
