@@ -27,13 +27,13 @@ from transformers import AutoModelForSequenceClassification
 from nanorlhf import distributed as dist
 from nanorlhf.args import BaseArgs, parse_args, start
 from nanorlhf.checkpoint import Run, load_weights, save_model
-from nanorlhf.data import encode_answer, pad_with_mask, read_records, to_pair
+from nanorlhf.data import encode_answer, pad_with_mask, read_pairs
 from nanorlhf.errors import UserError, run_main
 from nanorlhf.loading import check_model_dir, describe, load_tokenizer, setup_model
 from nanorlhf.metrics import check_finite, info
 from nanorlhf.rm import (CONFIG_FILE, SCORE_BIAS, Scorer, collate_pairs, init_head, normalize_head, pair_stats,
                          pairwise_loss, score, score_pairs)
-from nanorlhf.training import optimizer_and_schedule, optimizer_step
+from nanorlhf.training import optimizer_and_schedule, optimizer_step, split_validation
 
 
 @dataclasses.dataclass
@@ -50,11 +50,9 @@ class Args(BaseArgs):
 
 def load_pairs(tokenizer, paths, max_length, margin_field=""):
     """Records -> [(chosen_ids, rejected_ids, margin)], each answer after the SFT chat-format prompt
-    and ending with the end-of-turn token the score is read at. Pairs with chosen == rejected, or
-    longer than max_length, are dropped."""
-    pairs, same, too_long = [], [], 0
-    for where, rec in read_records(paths):
-        prompt, chosen, rejected = to_pair(rec, where)
+    and ending with the end-of-turn token the score is read at. Pairs longer than max_length are dropped."""
+    pairs, too_long = [], 0
+    for where, rec, prompt, chosen, rejected in read_pairs(paths):
         margin = 0.0
         if margin_field:
             if margin_field not in rec:
@@ -62,9 +60,6 @@ def load_pairs(tokenizer, paths, max_length, margin_field=""):
             margin = rec[margin_field]
             if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
                 raise UserError(f"{where}: field {margin_field!r} must be a finite number, got {margin!r}")
-        if chosen == rejected:
-            same.append(where)
-            continue
         chosen_ids = encode_answer(tokenizer, prompt, chosen, where)
         rejected_ids = encode_answer(tokenizer, prompt, rejected, where)
         # Cutting a sequence would cut off the EOS the score is read at: drop the pair instead.
@@ -72,23 +67,11 @@ def load_pairs(tokenizer, paths, max_length, margin_field=""):
             too_long += 1
             continue
         pairs.append((chosen_ids, rejected_ids, float(margin)))
-    if same:
-        info(f"warning: {len(same)} pairs with chosen == rejected were dropped, they prefer nothing "
-                f"(first at {same[0]})")
     if too_long:
         info(f"warning: {too_long} pairs longer than --max_length {max_length} tokens were dropped")
     if not pairs:
         raise UserError(f"{paths}: no usable preference pair")
     return pairs
-
-
-def split_validation(pairs, val_size, seed):
-    """Hold out round(val_size * N) pairs, chosen at random by seed (the same split on every run)."""
-    n_val = max(1, round(val_size * len(pairs)))
-    if n_val >= len(pairs):
-        raise UserError(f"--val_size {val_size} leaves no training pair ({len(pairs)} pairs in all)")
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [pairs[i] for i in sorted(order[n_val:])], [pairs[i] for i in sorted(order[:n_val])]
 
 
 @torch.no_grad()

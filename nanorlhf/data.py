@@ -259,6 +259,23 @@ def to_pair(rec, where):
     return prompt, answers[0], answers[1]
 
 
+def read_pairs(paths):
+    """Every preference record of the files: (where, record, prompt messages, chosen, rejected). A pair
+    whose two answers are the same prefers nothing: it is dropped, and one line says how many were."""
+    same = []
+    for where, rec in read_records(paths):
+        prompt, chosen, rejected = to_pair(rec, where)
+        if chosen == rejected:
+            same.append(where)
+            continue
+        yield where, rec, prompt, chosen, rejected
+    if same:
+        from nanorlhf.metrics import info
+
+        info(f"warning: {len(same)} pairs with chosen == rejected were dropped, they prefer nothing "
+             f"(first at {same[0]})")
+
+
 # ---------------------------------------------------------------- chat template -> ids
 
 def _ids(tokenizer, text):

@@ -16,7 +16,8 @@ from nanorlhf.files import atomic_write
 
 # The curves that tell a healthy run from a sick one, in the order they are drawn; a panel is
 # drawn for each one the runs logged. PT/SFT: loss; RM: accuracy too; PPO: score, KL, entropy...
-CURVES = ["loss", "eval/loss", "accuracy", "eval/accuracy",
+CURVES = ["loss", "eval/loss", "accuracy", "eval/accuracy", "rewards/accuracies", "eval/rewards/accuracies",
+          "rewards/margins",
           "objective/scores", "objective/rm_scores", "objective/fn_scores", "objective/kl", "objective/entropy",
           "val/response_length", "policy/clipfrac_avg"]
 

@@ -82,6 +82,16 @@ def batch_order(n, seed, epoch):
     return torch.randperm(n, generator=g).tolist()
 
 
+def split_validation(examples, val_size, seed):
+    """Hold out round(val_size * N) examples, chosen at random by seed (the same split on every run):
+    (train, held out), each in the original order."""
+    n_val = max(1, round(val_size * len(examples)))
+    if n_val >= len(examples):
+        raise UserError(f"--val_size {val_size} leaves no training example ({len(examples)} in all)")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [examples[i] for i in sorted(order[n_val:])], [examples[i] for i in sorted(order[:n_val])]
+
+
 def lm_loss_sum(logits, labels):
     """Summed next-token cross entropy over labelled tokens (labels = input_ids, -100 = ignore).
 

@@ -16,7 +16,7 @@ import time
 
 from conftest import ROOT
 
-SCRIPTS = ["train_sft.py", "train_rm.py", "train_ppo.py"]
+SCRIPTS = ["train_sft.py", "train_rm.py", "train_dpo.py", "train_ppo.py"]
 
 
 class Launcher:

@@ -1,5 +1,5 @@
 """Checkpoints under fire: a run killed with SIGKILL right after a checkpoint and resumed with
---resume ends bit-identical (on CPU) to a run never interrupted, for SFT, RM and PPO (LoRA, full, one base,
+--resume ends bit-identical (on CPU) to a run never interrupted, for SFT, RM, DPO and PPO (LoRA, full, one base,
 a reward function); Ctrl-C saves a checkpoint and exits cleanly; a diverged run stops and keeps its last good
 checkpoint.
 
@@ -29,6 +29,9 @@ RM = ["--max_steps", 8, "--per_device_train_batch_size", 4, "--max_length", 128,
       "--lora_rank", 4, "--lora_dropout", 0.1, "--logging_steps", 2, "--eval_steps", 4, "--val_size", 0.2,
       "--normalize_scores"]
 # --target_kl: the adaptive KL coefficient is state the checkpoint must carry
+# DPO with LoRA dropout too; --val_size: the held-out reference log-probs are state computed at start
+DPO = ["--max_steps", 6, "--per_device_train_batch_size", 4, "--max_length", 128, "--learning_rate", 1e-3,
+       "--lora_rank", 4, "--lora_dropout", 0.1, "--logging_steps", 2, "--eval_steps", 3, "--val_size", 0.2]
 PPO = ["--num_updates", 5, "--batch_size", 4, "--response_length", 8, "--ppo_epochs", 2,
        "--num_mini_batches", 2, "--temperature", 1.0, "--lora_rank", 4, "--target_kl", 0.01,
        "--kl_horizon", 100, "--logging_steps", 1]
@@ -44,6 +47,7 @@ def stage_args(stage, tiny_model_dir, rm_dir, data, rm_adapter=None):
     ppo = ["train_ppo.py", "--sft", tiny_model_dir, "--rm", rm_dir, "--data", data / "ppo.jsonl", *PPO]
     return {"sft": ["train_sft.py", "--model", tiny_model_dir, "--data", data / "sft.jsonl", *SFT],
             "rm": ["train_rm.py", "--model", tiny_model_dir, "--data", data / "rm.jsonl", *RM],
+            "dpo": ["train_dpo.py", "--model", tiny_model_dir, "--data", data / "rm.jsonl", *DPO],
             "ppo": ppo,
             "ppo full": [*ppo, "--finetuning_type", "full"],
             # the RM stage's LoRA adapter, trained on the same model: one base for all four roles
@@ -88,7 +92,7 @@ def assert_same_run(out, reference):
 def unbroken(launcher, tiny_model_dir, rm_dir, data, tmp_path_factory):
     """Each stage run once, never interrupted (and never checkpointed): the reference."""
     root, outs = tmp_path_factory.mktemp("unbroken"), {}
-    for stage in ("sft", "rm", "ppo", "ppo full", "ppo reward_fn", "ppo one base"):
+    for stage in ("sft", "rm", "dpo", "ppo", "ppo full", "ppo reward_fn", "ppo one base"):
         outs[stage] = root / stage.replace(" ", "-")
         code, stderr = launcher.run(*stage_args(stage, tiny_model_dir, rm_dir, data, outs.get("rm")),
                                     "--output_dir", outs[stage])
@@ -98,8 +102,8 @@ def unbroken(launcher, tiny_model_dir, rm_dir, data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage,save_steps,kept",
-                         [("sft", 3, 6), ("rm", 3, 6), ("ppo", 2, 4), ("ppo full", 2, 4), ("ppo one base", 2, 4),
-                          ("ppo reward_fn", 2, 4)])
+                         [("sft", 3, 6), ("rm", 3, 6), ("dpo", 2, 4), ("ppo", 2, 4), ("ppo full", 2, 4),
+                          ("ppo one base", 2, 4), ("ppo reward_fn", 2, 4)])
 def test_killed_run_resumed_ends_bit_identical_to_an_unbroken_one(stage, save_steps, kept, launcher, unbroken,
                                                                    tiny_model_dir, rm_dir, data, tmp_path):
     """SIGKILL right after checkpoint-<save_steps> appears, then --resume (--save_total_limit 1)."""

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import DEMO, other_tokenizer_model, read_metrics, run_script
+from conftest import DEMO, other_tokenizer_model, read_metrics
 from transformers import AutoModelForSequenceClassification
 
 from nanorlhf.data import encode_answer
@@ -34,17 +34,18 @@ def english_prompts(folder, n=14):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["grpo", "gae"])
-def test_a_fake_reward_is_learned_by_grpo_and_by_ppo(estimator, tiny_model_dir, tmp_path):
+def test_a_fake_reward_is_learned_by_grpo_and_by_ppo(estimator, launcher, tiny_model_dir, tmp_path):
     (tmp_path / "fake.py").write_text(CHINESE, encoding="utf-8")
     out = tmp_path / estimator
     samples = ["--num_samples_per_prompt", 4] if estimator == "grpo" else []
     # full fine-tuning: on a model this small, LoRA moves the token distribution too slowly for a test
-    proc = run_script("train_ppo.py", "--sft", tiny_model_dir, "--reward_fn", f"{tmp_path / 'fake.py'}:chinese",
-                      "--data", english_prompts(tmp_path), "--output_dir", out, "--advantage_estimator", estimator,
-                      *samples, "--batch_size", 16, "--response_length", 8, "--num_updates", 10,
-                      "--finetuning_type", "full", "--learning_rate", 1e-2, "--kl_coef", 0, "--temperature", 1.0,
-                      "--missing_eos_penalty", 0, "--logging_steps", 1, "--seed", 0)
-    assert "no reward model" in proc.stderr
+    fake = f"{tmp_path / 'fake.py'}:chinese"
+    code, stderr = launcher.run("train_ppo.py", "--sft", tiny_model_dir, "--reward_fn", fake,
+                                "--data", english_prompts(tmp_path), "--output_dir", out, "--advantage_estimator",
+                                estimator, *samples, "--batch_size", 16, "--response_length", 8, "--num_updates", 10,
+                                "--finetuning_type", "full", "--learning_rate", 1e-2, "--kl_coef", 0,
+                                "--temperature", 1.0, "--missing_eos_penalty", 0, "--logging_steps", 1, "--seed", 0)
+    assert code == 0 and "no reward model" in stderr, stderr
     curve = [row["objective/fn_scores"] for row in read_metrics(out)]
     assert len(curve) == 10 and "objective/rm_scores" not in read_metrics(out)[0]
     first, last = sum(curve[:3]) / 3, sum(curve[-3:]) / 3
@@ -57,28 +58,26 @@ def test_a_fake_reward_is_learned_by_grpo_and_by_ppo(estimator, tiny_model_dir, 
     ("raise KeyError('answer')", "--reward_fn {spec} raised KeyError: 'answer'"),
     ("return 'high'", "--reward_fn {spec} returned 'high', not a finite number"),
 ])
-def test_a_reward_function_that_fails_stops_the_run_with_one_line(body, error, tiny_model_dir, tmp_path):
+def test_a_reward_function_that_fails_stops_the_run_with_one_line(body, error, launcher, tiny_model_dir, tmp_path):
     # fails on the first prompt's responses; every response of the first iteration comes from line 1 or 2
     (tmp_path / "bad.py").write_text(f"def f(prompt, response, **fields):\n    {body}\n", encoding="utf-8")
     spec, data = f"{tmp_path / 'bad.py'}:f", english_prompts(tmp_path, n=2)
-    proc = run_script("train_ppo.py", "--sft", tiny_model_dir, "--reward_fn", spec, "--data", data,
-                      "--output_dir", tmp_path / "out", "--batch_size", 2, "--response_length", 4, "--num_updates", 1,
-                      check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.splitlines()[-1].startswith("error: " + str(data) + ":")
-    assert proc.stderr.splitlines()[-1].endswith(error.format(spec=spec))
+    code, stderr = launcher.run("train_ppo.py", "--sft", tiny_model_dir, "--reward_fn", spec, "--data", data,
+                                "--output_dir", tmp_path / "out", "--batch_size", 2, "--response_length", 4,
+                                "--num_updates", 1)
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.splitlines()[-1].startswith("error: " + str(data) + ":")
+    assert stderr.splitlines()[-1].endswith(error.format(spec=spec))
     assert not (tmp_path / "out").exists()  # it stopped before writing anything
 
 
-def test_a_missing_reward_function_or_reward_is_one_line(tiny_model_dir, tmp_path):
-    proc = run_script("train_ppo.py", "--sft", tiny_model_dir, "--reward_fn", "nanorlhf.rewards:nope",
-                      "--data", f"{DEMO}/ppo.jsonl", "--output_dir", tmp_path / "out", check=False)
-    assert (proc.returncode, proc.stderr) == (2, "error: --reward_fn nanorlhf.rewards:nope: nanorlhf.rewards has no "
-                                                 "function 'nope'\n")
-    proc = run_script("train_ppo.py", "--sft", tiny_model_dir, "--data", f"{DEMO}/ppo.jsonl",
-                      "--output_dir", tmp_path / "out", check=False)
-    assert (proc.returncode, proc.stderr) == (2, "error: --rm (a reward model) or --reward_fn (a reward function) "
-                                                 "is required\n")
+def test_a_missing_reward_function_or_reward_is_one_line(launcher, tiny_model_dir, tmp_path):
+    result = launcher.run("train_ppo.py", "--sft", tiny_model_dir, "--reward_fn", "nanorlhf.rewards:nope",
+                          "--data", f"{DEMO}/ppo.jsonl", "--output_dir", tmp_path / "out")
+    assert result == (2, "error: --reward_fn nanorlhf.rewards:nope: nanorlhf.rewards has no function 'nope'\n")
+    result = launcher.run("train_ppo.py", "--sft", tiny_model_dir, "--data", f"{DEMO}/ppo.jsonl",
+                          "--output_dir", tmp_path / "out")
+    assert result == (2, "error: --rm (a reward model) or --reward_fn (a reward function) is required\n")
     assert not (tmp_path / "out").exists()
 
 
@@ -116,14 +115,16 @@ def test_a_reward_model_with_its_own_tokenizer_reads_the_text_as_its_template_re
 
 
 @pytest.mark.slow
-def test_ppo_with_another_tokenizers_reward_model_and_a_reward_function(tiny_model_dir, other_rm, tmp_path):
+def test_ppo_with_another_tokenizers_reward_model_and_a_reward_function(launcher, tiny_model_dir, other_rm, tmp_path):
     out = tmp_path / "ppo"
-    proc = run_script("train_ppo.py", "--sft", tiny_model_dir, "--rm", other_rm, "--rm_tokenizer_mismatch",
-                      "retokenize", "--reward_fn", "nanorlhf.rewards:gold", "--rm_weight", 0.5, "--reward_fn_weight", 2,
-                      "--data", f"{DEMO}/ppo.jsonl", "--output_dir", out, "--batch_size", 4, "--response_length", 8,
-                      "--num_updates", 2, "--missing_eos_penalty", 0, "--logging_steps", 1)
-    assert "the reward model apart with its own tokenizer" in proc.stderr
-    assert "--rm_tokenizer_mismatch retokenize: the reward model scores each prompt and response as text" in proc.stderr
+    code, stderr = launcher.run("train_ppo.py", "--sft", tiny_model_dir, "--rm", other_rm, "--rm_tokenizer_mismatch",
+                                "retokenize", "--reward_fn", "nanorlhf.rewards:gold", "--rm_weight", 0.5,
+                                "--reward_fn_weight", 2, "--data", f"{DEMO}/ppo.jsonl", "--output_dir", out,
+                                "--batch_size", 4, "--response_length", 8, "--num_updates", 2,
+                                "--missing_eos_penalty", 0, "--logging_steps", 1)
+    assert code == 0, stderr
+    assert "the reward model apart with its own tokenizer" in stderr
+    assert "--rm_tokenizer_mismatch retokenize: the reward model scores each prompt and response as text" in stderr
     for row in read_metrics(out):
         assert row["objective/scores"] == pytest.approx(0.5 * row["objective/rm_scores"]
                                                         + 2 * row["objective/fn_scores"], abs=1e-5)
