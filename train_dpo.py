@@ -26,13 +26,13 @@ from transformers import AutoModelForCausalLM
 from nanorlhf import distributed as dist
 from nanorlhf.args import BaseArgs, parse_args, start
 from nanorlhf.checkpoint import Run, load_weights, save_model
-from nanorlhf.data import IGNORE, collate_lm, encode_dialogue, read_pairs
+from nanorlhf.data import IGNORE, collate_lm, encode_dialogue, encode_pairs
 from nanorlhf.dpo import LOSS_TYPES, dpo_loss, orpo_loss, sequence_logps, simpo_loss
-from nanorlhf.errors import UserError, run_main
+from nanorlhf.errors import run_main
 from nanorlhf.loading import check_model_dir, describe, load_model, load_tokenizer, setup_model
 from nanorlhf.lora import disable_adapters
 from nanorlhf.metrics import check_finite, info
-from nanorlhf.training import optimizer_and_schedule, optimizer_step, split_validation
+from nanorlhf.training import optimizer_and_schedule, optimizer_step, train_and_held_out
 
 
 @dataclasses.dataclass
@@ -54,22 +54,15 @@ class Args(BaseArgs):
 def load_pairs(tokenizer, paths, max_length):
     """Records -> [((chosen_ids, chosen_labels), (rejected_ids, rejected_labels))]: each answer after the
     SFT chat-format prompt, labelled on the final answer's tokens only (up to its end-of-turn token)."""
-    pairs, too_long = [], 0
-    for where, _, prompt, chosen, rejected in read_pairs(paths):
+    def encode(where, rec, prompt, chosen, rejected):
         encoded = []
         for answer in (chosen, rejected):
             ids, labels = encode_dialogue(tokenizer, prompt + [{"role": "assistant", "content": answer}], where)
             start = len(labels) - next(i for i, label in enumerate(reversed(labels)) if label == IGNORE)
             encoded.append((ids, [IGNORE] * start + labels[start:]))  # earlier assistant turns are context
-        if max(len(ids) for ids, _ in encoded) > max_length:
-            too_long += 1
-            continue
-        pairs.append(tuple(encoded))
-    if too_long:
-        info(f"warning: {too_long} pairs longer than --max_length {max_length} tokens were dropped")
-    if not pairs:
-        raise UserError(f"{paths}: no usable preference pair")
-    return pairs
+        return tuple(encoded), max(len(ids) for ids, _ in encoded)
+
+    return encode_pairs(paths, max_length, encode)
 
 
 def pair_logps(model, pairs, pad_id, device):
@@ -135,21 +128,13 @@ def evaluate(args, model, pairs, ref, pad_id, device):
 
 def main():
     args = parse_args(Args)
-    if not 0 <= args.val_size < 1:
-        raise UserError(f"--val_size must be in [0, 1), got {args.val_size}")
     world, device, dtype = start(args)  # under torchrun: join the other processes; device, dtype, seed
 
     # ---- tokenizer and data first: bad input fails before anything is loaded or written
     check_model_dir(args.model)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     pad_id = tokenizer.pad_token_id
-    train = load_pairs(tokenizer, args.data, args.max_length)
-    if args.eval_data:
-        evals = load_pairs(tokenizer, args.eval_data, args.max_length)
-    elif args.val_size > 0:
-        train, evals = split_validation(train, args.val_size, args.seed)
-    else:
-        evals = []
+    train, evals = train_and_held_out(lambda paths: load_pairs(tokenizer, paths, args.max_length), args)
 
     # ---- the policy (LoRA on the SFT model, or all of it) and the reference's log-probs, computed once
     model = setup_model(args, AutoModelForCausalLM, device, dtype, tokenizer)
@@ -197,15 +182,9 @@ def main():
             window.append(stats)
             do_eval = evals and (step % args.eval_steps == 0 or step == steps)
             if step % args.logging_steps == 0 or step == steps or do_eval:
-                row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-                row.update(lr=scheduler.get_last_lr()[0], epoch=micro[-1][0])
-                if do_eval:
-                    row.update(evaluate(args, model, evals, ref_evals, pad_id, device))
-                    info(f"step {step}: eval/loss {row['eval/loss']:.4f}, "
-                         f"eval/rewards/accuracies {row['eval/rewards/accuracies']:.4f}")
-                run.metrics.log(step, **row)
+                run.log_window(step, window, (lambda: evaluate(args, model, evals, ref_evals, pad_id, device))
+                               if do_eval else None, lr=scheduler.get_last_lr()[0], epoch=micro[-1][0])
                 window = []
-            # `window` goes into a checkpoint, so that a resumed run logs the same averages
             run.end_step(step, extra={"window": window}, loss=stats["loss"], acc=stats["rewards/accuracies"])
     run.finish(model)
 

@@ -27,13 +27,13 @@ from transformers import AutoModelForSequenceClassification
 from nanorlhf import distributed as dist
 from nanorlhf.args import BaseArgs, parse_args, start
 from nanorlhf.checkpoint import Run, load_weights, save_model
-from nanorlhf.data import encode_answer, pad_with_mask, read_pairs
+from nanorlhf.data import encode_answer, encode_pairs, pad_with_mask
 from nanorlhf.errors import UserError, run_main
 from nanorlhf.loading import check_model_dir, describe, load_tokenizer, setup_model
 from nanorlhf.metrics import check_finite, info
 from nanorlhf.rm import (CONFIG_FILE, SCORE_BIAS, Scorer, collate_pairs, init_head, normalize_head, pair_stats,
                          pairwise_loss, score, score_pairs)
-from nanorlhf.training import optimizer_and_schedule, optimizer_step, split_validation
+from nanorlhf.training import optimizer_and_schedule, optimizer_step, train_and_held_out
 
 
 @dataclasses.dataclass
@@ -50,9 +50,8 @@ class Args(BaseArgs):
 
 def load_pairs(tokenizer, paths, max_length, margin_field=""):
     """Records -> [(chosen_ids, rejected_ids, margin)], each answer after the SFT chat-format prompt
-    and ending with the end-of-turn token the score is read at. Pairs longer than max_length are dropped."""
-    pairs, too_long = [], 0
-    for where, rec, prompt, chosen, rejected in read_pairs(paths):
+    and ending with the end-of-turn token the score is read at."""
+    def encode(where, rec, prompt, chosen, rejected):
         margin = 0.0
         if margin_field:
             if margin_field not in rec:
@@ -62,16 +61,9 @@ def load_pairs(tokenizer, paths, max_length, margin_field=""):
                 raise UserError(f"{where}: field {margin_field!r} must be a finite number, got {margin!r}")
         chosen_ids = encode_answer(tokenizer, prompt, chosen, where)
         rejected_ids = encode_answer(tokenizer, prompt, rejected, where)
-        # Cutting a sequence would cut off the EOS the score is read at: drop the pair instead.
-        if max(len(chosen_ids), len(rejected_ids)) > max_length:
-            too_long += 1
-            continue
-        pairs.append((chosen_ids, rejected_ids, float(margin)))
-    if too_long:
-        info(f"warning: {too_long} pairs longer than --max_length {max_length} tokens were dropped")
-    if not pairs:
-        raise UserError(f"{paths}: no usable preference pair")
-    return pairs
+        return (chosen_ids, rejected_ids, float(margin)), max(len(chosen_ids), len(rejected_ids))
+
+    return encode_pairs(paths, max_length, encode)
 
 
 @torch.no_grad()
@@ -104,21 +96,14 @@ def chosen_scores(model, pairs, batch_size, pad_id, device):
 
 def main():
     args = parse_args(Args)
-    if not 0 <= args.val_size < 1:
-        raise UserError(f"--val_size must be in [0, 1), got {args.val_size}")
     world, device, dtype = start(args)  # under torchrun: join the other processes; device, dtype, seed
 
     # ---- tokenizer and data first: bad input fails before anything is loaded or written
     check_model_dir(args.model)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)  # pad distinct from the end of turn
     pad_id = tokenizer.pad_token_id
-    train = load_pairs(tokenizer, args.data, args.max_length, args.margin_field)
-    if args.eval_data:
-        evals = load_pairs(tokenizer, args.eval_data, args.max_length, args.margin_field)
-    elif args.val_size > 0:
-        train, evals = split_validation(train, args.val_size, args.seed)
-    else:
-        evals = []
+    train, evals = train_and_held_out(lambda paths: load_pairs(tokenizer, paths, args.max_length, args.margin_field),
+                                      args)
 
     # ---- model: the SFT model's backbone plus a fresh scalar head; LoRA on the backbone, or all of it
     model = setup_model(args, AutoModelForSequenceClassification, device, dtype, tokenizer, lora_exclude=["score"],
@@ -171,14 +156,10 @@ def main():
             window.append(stats)
             do_eval = evals and (step % args.eval_steps == 0 or step == steps)
             if step % args.logging_steps == 0 or step == steps or do_eval:
-                row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-                row.update(lr=scheduler.get_last_lr()[0], epoch=micro[-1][0])
-                if do_eval:
-                    row.update(evaluate(model, evals, args.per_device_train_batch_size, pad_id, device))
-                    info(f"step {step}: eval/loss {row['eval/loss']:.4f}, eval/accuracy {row['eval/accuracy']:.4f}")
-                run.metrics.log(step, **row)
+                run.log_window(step, window, (lambda: evaluate(model, evals, args.per_device_train_batch_size,
+                                                               pad_id, device)) if do_eval else None,
+                               lr=scheduler.get_last_lr()[0], epoch=micro[-1][0])
                 window = []
-            # `window` goes into a checkpoint, so that a resumed run logs the same averages
             run.end_step(step, extra={"window": window}, loss=loss, acc=stats["accuracy"])
 
     if args.normalize_scores:

@@ -224,6 +224,18 @@ class Run:
             self.step += 1
             yield self.step, micro
 
+    def log_window(self, step, window, evaluate=None, **values):
+        """Log the mean of each statistic over `window` (the steps since the last log line), `values`, and
+        evaluate()'s held-out metrics when given; returns the row. A resumed run logs the same means, since
+        the window goes into its checkpoints (end_step's extra)."""
+        row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+        row.update(values)
+        if evaluate is not None:
+            row.update(evaluate())
+            info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("eval/")))
+        self.metrics.log(step, **row)
+        return row
+
     def checkpoint(self, step, **extra):
         """output_dir/checkpoint-STEP: the weights, every object in `state`, and `extra` (plain values)."""
         save_checkpoint(self.args.output_dir, step, self.save_weights,

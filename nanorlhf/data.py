@@ -259,21 +259,32 @@ def to_pair(rec, where):
     return prompt, answers[0], answers[1]
 
 
-def read_pairs(paths):
-    """Every preference record of the files: (where, record, prompt messages, chosen, rejected). A pair
-    whose two answers are the same prefers nothing: it is dropped, and one line says how many were."""
-    same = []
+def encode_pairs(paths, max_length, encode):
+    """Every preference record of the files, encoded by encode(where, record, prompt, chosen, rejected) ->
+    (pair, its longest sequence in tokens). Dropped, each kind counted in one line: a pair whose two
+    answers are the same (it prefers nothing), and a pair longer than max_length (cutting it would cut
+    off the end-of-turn token the reward model scores at, or part of the answer DPO compares)."""
+    from nanorlhf.metrics import info
+
+    pairs, same, too_long = [], [], 0
     for where, rec in read_records(paths):
         prompt, chosen, rejected = to_pair(rec, where)
         if chosen == rejected:
             same.append(where)
             continue
-        yield where, rec, prompt, chosen, rejected
+        pair, n_tokens = encode(where, rec, prompt, chosen, rejected)
+        if n_tokens > max_length:
+            too_long += 1
+            continue
+        pairs.append(pair)
     if same:
-        from nanorlhf.metrics import info
-
         info(f"warning: {len(same)} pairs with chosen == rejected were dropped, they prefer nothing "
              f"(first at {same[0]})")
+    if too_long:
+        info(f"warning: {too_long} pairs longer than --max_length {max_length} tokens were dropped")
+    if not pairs:
+        raise UserError(f"{paths}: no usable preference pair")
+    return pairs
 
 
 # ---------------------------------------------------------------- chat template -> ids

@@ -82,6 +82,17 @@ def batch_order(n, seed, epoch):
     return torch.randperm(n, generator=g).tolist()
 
 
+def train_and_held_out(load, args):
+    """(training examples, held-out examples): load(args.data), and load(args.eval_data) when given, else
+    --val_size of --data held out (0: none)."""
+    if not 0 <= args.val_size < 1:
+        raise UserError(f"--val_size must be in [0, 1), got {args.val_size}")
+    train = load(args.data)
+    if args.eval_data:
+        return train, load(args.eval_data)
+    return split_validation(train, args.val_size, args.seed) if args.val_size > 0 else (train, [])
+
+
 def split_validation(examples, val_size, seed):
     """Hold out round(val_size * N) examples, chosen at random by seed (the same split on every run):
     (train, held out), each in the original order."""
