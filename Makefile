@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEMO ?= runs/demo
 
-.PHONY: install install-dev demo ablate rewards test test-fast bench lint data clean
+.PHONY: install install-dev demo ablate compare rewards test test-fast bench lint data clean
 
 # torch is installed only when missing, so a CUDA build you already have is kept.
 # (torch==2.13.0 is the CPU wheel this project is developed and tested with.)
@@ -24,6 +24,15 @@ ablate: install
 	OMP_NUM_THREADS=1 $(PYTHON) -m nanorlhf.ablate --sft $(DEMO)/sft-merged --rm $(DEMO)/rm-merged \
 	    --data data/demo/ppo.jsonl --eval_data data/demo/test.jsonl --output_dir runs/ablate --seeds 1 \
 	    -- --num_updates 10 --batch_size 16 --learning_rate 3e-4 --logging_steps 1 --response_length 96 \
+	    --missing_eos_penalty 5
+
+# PPO, GRPO, RLOO on the RM, PPO on the gold rubric, DPO and SimPO, 3 seeds each, judged by the rubric (make demo first).
+compare: install
+	OMP_NUM_THREADS=1 $(PYTHON) -m nanorlhf.ablate --sft $(DEMO)/sft-merged --rm $(DEMO)/rm-merged \
+	    --data data/demo/ppo.jsonl --eval_data data/demo/test.jsonl --output_dir runs/compare --seeds 1,2,3 \
+	    --variants baseline,grpo,rloo,ppo_gold,dpo,simpo --pairs data/demo/rm.jsonl \
+	    --dpo_args "--max_steps 60 --per_device_train_batch_size 16 --learning_rate 5e-4 --lora_rank 32 --lora_alpha 64 --val_size 0 --logging_steps 10" \
+	    -- --num_updates 20 --batch_size 16 --learning_rate 3e-4 --logging_steps 1 --response_length 96 \
 	    --missing_eos_penalty 5
 
 # Rewards a program computes: GRPO on a rule reward, and PPO/GRPO on the gold rubric beside the RM (make demo first).

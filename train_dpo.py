@@ -89,7 +89,7 @@ def reference_logps(model, reference, pairs, batch_size, pad_id, device):
             chosen, rejected, _, _ = pair_logps(reference, pairs[i:i + batch_size], pad_id, device)
         out.append(torch.stack([chosen, rejected], 1))
     model.train(was_training)
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros(0, 2, device=device)
 
 
 def preference_loss(args, chosen, rejected, chosen_len, rejected_len, ref):
@@ -162,11 +162,13 @@ def main():
     # ---- the loop: chosen and rejected in one forward, the preference loss, step, log, evaluate
     model.train()
     window = run.trainer_state.get("window", [])  # per-step statistics since the last log line
+    pairs_seen = run.trainer_state.get("pairs", 0)  # every rank's, so far
     global_batch = args.per_device_train_batch_size * world.size  # every rank takes per_device of each
     with run:  # Ctrl-C: finish this step, save a checkpoint, stop
         for step, micro in run.steps(len(train), global_batch, args.gradient_accumulation_steps):
             shares = [dist.shard(idx, world) for _, idx in micro]  # this rank's share of each micro-batch
             n_pairs = sum(len(idx) for idx in shares)
+            pairs_seen += sum(len(idx) for _, idx in micro)
             parts = []
             for idx in shares:
                 chosen, rejected, chosen_len, rejected_len = pair_logps(ddp_model, [train[i] for i in idx], pad_id,
@@ -183,9 +185,11 @@ def main():
             do_eval = evals and (step % args.eval_steps == 0 or step == steps)
             if step % args.logging_steps == 0 or step == steps or do_eval:
                 run.log_window(step, window, (lambda: evaluate(args, model, evals, ref_evals, pad_id, device))
-                               if do_eval else None, lr=scheduler.get_last_lr()[0], epoch=micro[-1][0])
+                               if do_eval else None, lr=scheduler.get_last_lr()[0], epoch=micro[-1][0],
+                               pairs=pairs_seen)
                 window = []
-            run.end_step(step, extra={"window": window}, loss=stats["loss"], acc=stats["rewards/accuracies"])
+            run.end_step(step, extra={"window": window, "pairs": pairs_seen}, loss=stats["loss"],
+                         acc=stats["rewards/accuracies"])
     run.finish(model)
 
 

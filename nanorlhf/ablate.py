@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import statistics
+import shlex
 import subprocess
 import sys
 import time
@@ -42,10 +43,21 @@ VARIANTS = {
     "reinforce": ["--advantage_estimator", "reinforce"],
     "rloo": ["--advantage_estimator", "rloo", "--num_samples_per_prompt", "4"],
     "grpo": ["--advantage_estimator", "grpo", "--num_samples_per_prompt", "4"],
+    # PPO trained on the gold rubric instead of the RM (x10: the RM's scale); the RM is still loaded, so the
+    # critic starts as it does in the baseline
+    "ppo_gold": ["--rm_weight", "0", "--reward_fn", "nanorlhf.rewards:gold", "--reward_fn_weight", "10"],
+}
+# The DPO family: train_dpo.py from the same SFT model on the RM's preference pairs (--pairs), with
+# --dpo_args; no reward model, no sampling.
+DPO_VARIANTS = {
+    "dpo": [],
+    "simpo": ["--loss_type", "simpo"],
+    "ipo": ["--loss_type", "ipo"],
+    "orpo": ["--loss_type", "orpo"],
 }
 # What the table reports: evaluate.py's results for the final policy, and the training wall time
 # (of the train_ppo.py process, startup included; a resumed run counts only the part after resuming).
-COLUMNS = ["rm_score", "gold", "ended", "no_repeat", "kl_to_sft", "response_length", "wall_s"]
+COLUMNS = ["rm_score", "gold", "ended", "no_repeat", "kl_to_sft", "response_length", "distinct_2", "wall_s"]
 CURVES = ["objective/scores", "objective/kl"]
 
 
@@ -71,15 +83,29 @@ def run_logged(argv, log_path, what):
     return rc, time.time() - start, last
 
 
+def variant_flags(args, extra, variant):
+    """The flags a variant's training run gets: the grid's shared ones, then its own (which win)."""
+    if variant in DPO_VARIANTS:
+        return shlex.split(args.dpo_args) + DPO_VARIANTS[variant]
+    return extra + VARIANTS[variant]
+
+
 def train_and_evaluate(args, extra, variant, seed, run_dir):
-    """One cell of the grid: train_ppo.py, then evaluate.py; returns its result (also result.json)."""
+    """One cell of the grid: train_ppo.py (train_dpo.py for the DPO family), then evaluate.py; returns its
+    result (also result.json)."""
     os.makedirs(run_dir, exist_ok=True)
-    train = [sys.executable, os.path.join(ROOT, "train_ppo.py"), "--sft", args.sft, "--rm", args.rm,
-             "--data", args.data, "--output_dir", run_dir, "--seed", str(seed), *extra, *VARIANTS[variant]]
+    flags = variant_flags(args, extra, variant)
+    if variant in DPO_VARIANTS:
+        train = [sys.executable, os.path.join(ROOT, "train_dpo.py"), "--model", args.sft, "--data", args.pairs,
+                 "--output_dir", run_dir, "--seed", str(seed), *flags]
+    else:
+        train = [sys.executable, os.path.join(ROOT, "train_ppo.py"), "--sft", args.sft, "--rm", args.rm,
+                 "--data", args.data, "--output_dir", run_dir, "--seed", str(seed), *flags]
     if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         train.append("--resume")  # an interrupted run continues from its last checkpoint (if any)
-    rc, wall_s, last = run_logged(train, os.path.join(run_dir, "train.log"), f"{variant} seed {seed}: train_ppo.py")
-    result = {"variant": variant, "seed": seed, "flags": extra + VARIANTS[variant], "wall_s": wall_s}
+    rc, wall_s, last = run_logged(train, os.path.join(run_dir, "train.log"),
+                                  f"{variant} seed {seed}: {os.path.basename(train[1])}")
+    result = {"variant": variant, "seed": seed, "flags": flags, "wall_s": wall_s, **budget(run_dir, variant)}
     if rc == 3:
         result["diverged"] = last
     else:
@@ -96,10 +122,20 @@ def train_and_evaluate(args, extra, variant, seed, run_dir):
     return result
 
 
+def budget(run_dir, variant):
+    """What a run consumed, from its metrics.jsonl: responses sampled (PPO family) or preference pairs
+    seen (DPO family)."""
+    last = plots.read_metrics(run_dir)[-1]
+    name = "pairs" if variant in DPO_VARIANTS else "episodes"
+    return {"budget": f"{last[name]:.0f} {'pairs' if name == 'pairs' else 'responses'}"} if name in last else {}
+
+
 def summarize(variant, results):
     """Mean and sd over the seeds that finished (sd None with one seed)."""
-    row = {"variant": variant, "flags": " ".join(VARIANTS[variant]) or "(defaults)",
-           "seeds": len(results), "diverged": sum("diverged" in r for r in results)}
+    flags = DPO_VARIANTS[variant] if variant in DPO_VARIANTS else VARIANTS[variant]
+    row = {"variant": variant, "flags": " ".join(flags) or "(defaults)",
+           "seeds": len(results), "diverged": sum("diverged" in r for r in results),
+           "budget": results[0].get("budget", "") if results else ""}
     for col in COLUMNS:
         values = [r[col] for r in results if col in r]
         if values:
@@ -109,12 +145,14 @@ def summarize(variant, results):
 
 
 def markdown_table(rows):
-    lines = ["| variant | flags | " + " | ".join(COLUMNS) + " | seeds |", "|" + "---|" * (len(COLUMNS) + 3)]
+    lines = ["| variant | flags | " + " | ".join(COLUMNS) + " | seeds | budget |",
+             "|" + "---|" * (len(COLUMNS) + 4)]
     for row in rows:
         cells = [("–" if c not in row else f"{row[c]:.3f}" if row[c + "_sd"] is None
                   else f"{row[c]:.3f} ± {row[c + '_sd']:.3f}") for c in COLUMNS]
         seeds = f"{row['seeds']}" + (f" ({row['diverged']} diverged)" if row["diverged"] else "")
-        lines.append(f"| {row['variant']} | `{row['flags']}` | " + " | ".join(cells) + f" | {seeds} |")
+        lines.append(f"| {row['variant']} | `{row['flags']}` | " + " | ".join(cells)
+                     + f" | {seeds} | {row['budget']} |")
     return "\n".join(lines)
 
 
@@ -140,6 +178,8 @@ def build_parser():
                         help="the demo world, for the gold rubric")
     parser.add_argument("--eval_max_new_tokens", type=int, default=MAX_NEW_TOKENS,
                         help="room to end in evaluation (evaluate.py's default)")
+    parser.add_argument("--pairs", default="data/demo/rm.jsonl", help="preference pairs (the DPO family)")
+    parser.add_argument("--dpo_args", default="", help="flags for every train_dpo.py run, as one string")
     return parser
 
 
@@ -148,9 +188,9 @@ def main():
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in VARIANTS and v not in DPO_VARIANTS]
     if unknown or not variants:
-        raise UserError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+        raise UserError(f"--variants: unknown {unknown}; choose from {', '.join([*VARIANTS, *DPO_VARIANTS])}")
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
@@ -173,7 +213,7 @@ def main():
         if os.path.isfile(marker):
             with open(marker, encoding="utf-8") as f:
                 results[variant].append(json.load(f))
-            if results[variant][-1]["flags"] != extra + VARIANTS[variant]:
+            if results[variant][-1]["flags"] != variant_flags(args, extra, variant):
                 raise UserError(f"{run_dir}: ran with other flags ({' '.join(results[variant][-1]['flags'])}); "
                                 "choose another --output_dir")
             info(f"[{i}/{len(cells)}] {variant} seed {seed}: reused (finished before)")
@@ -190,15 +230,20 @@ def main():
 
     rows = [summarize(v, results[v]) for v in variants]
     table = markdown_table(rows)
-    flags = " ".join(extra) or "-"
+    flags = f"train_ppo.py `{' '.join(extra) or '-'}`" + (
+        f", train_dpo.py `{args.dpo_args}`" if any(v in DPO_VARIANTS for v in variants) else "")
     atomic_write_text(os.path.join(args.output_dir, "results.md"),
-                      f"PPO ablation: mean ± sd over seeds {args.seeds}; extra flags: `{flags}`\n\n{table}\n")
+                      f"Mean ± sd over seeds {args.seeds}; shared flags: {flags}\n\n{table}\n")
     write_json(os.path.join(args.output_dir, "results.json"),
                {"summary": rows, "runs": [r for v in variants for r in results[v]], "extra_flags": extra})
     run_dirs = {v: [os.path.join(args.output_dir, v, f"seed-{s}") for s in seeds] for v in variants}
     curves = {v: mean_curve([plots.read_metrics(d) for d in dirs if os.path.isfile(os.path.join(d, "metrics.jsonl"))])
               for v, dirs in run_dirs.items()}
     plots.plot(curves, os.path.join(args.output_dir, "curves.png"), CURVES, title="seed mean")
+    # each run's gold score against how far it moved from the SFT model: the judge beside the price
+    plots.scatter({v: [(r["kl_to_sft"], r["gold"]) for r in results[v] if "gold" in r] for v in variants},
+                  os.path.join(args.output_dir, "gold_vs_kl.png"), "KL to SFT (nats per answer)",
+                  "gold rubric (held-out, greedy)", title="each point: one seed")
     print(table)
 
 

@@ -68,6 +68,31 @@ def plot(runs, path, keys=CURVES, title=""):
     return path
 
 
+def scatter(points, path, xlabel, ylabel, title=""):
+    """One marker per point, one colour per label: points is {label: [(x, y), ...]}. Writes path (atomically)
+    and returns it; None without matplotlib or points."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not any(points.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, xy in points.items():
+        if xy:
+            ax.scatter(*zip(*xy), label=label, s=30)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight"))
+    plt.close(fig)
+    return path
+
+
 def plot_run(run_dir):
     """output_dir/curves.png from output_dir/metrics.jsonl (None without matplotlib or metrics)."""
     if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):

@@ -9,22 +9,22 @@ import pytest
 from conftest import DEMO, ROOT
 
 from nanorlhf import ablate as ablate_module
-from nanorlhf.ablate import VARIANTS, markdown_table, mean_curve, summarize
+from nanorlhf.ablate import DPO_VARIANTS, VARIANTS, markdown_table, mean_curve, summarize
 from nanorlhf.args import parse_args
 from nanorlhf.errors import UserError
 
 TINY = ["--num_updates", 1, "--batch_size", 4, "--response_length", 8, "--ppo_epochs", 1, "--logging_steps", 1]
 
 
-def load_train_ppo():
-    spec = importlib.util.spec_from_file_location("train_ppo", os.path.join(ROOT, "train_ppo.py"))
+def load_script(name="train_ppo"):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_every_preset_is_valid_train_ppo_flags_and_keeps_the_responses_per_iteration():
-    train_ppo = load_train_ppo()
+    train_ppo = load_script()
     baseline = parse_args(train_ppo.Args, [])
     for name, flags in VARIANTS.items():
         args = parse_args(train_ppo.Args, flags)
@@ -33,6 +33,9 @@ def test_every_preset_is_valid_train_ppo_flags_and_keeps_the_responses_per_itera
         assert args.batch_size == baseline.batch_size and args.batch_size % args.num_samples_per_prompt == 0
     assert parse_args(train_ppo.Args, VARIANTS["no_kl"]).kl_coef == 0
     assert parse_args(train_ppo.Args, VARIANTS["rloo"]).num_samples_per_prompt == 4
+    train_dpo = load_script("train_dpo")
+    assert {name: parse_args(train_dpo.Args, flags).loss_type for name, flags in DPO_VARIANTS.items()} == {
+        "dpo": "sigmoid", "simpo": "simpo", "ipo": "ipo", "orpo": "orpo"}
 
 
 def test_summary_is_mean_and_sd_over_seeds_and_the_curve_a_seed_mean():
@@ -63,10 +66,14 @@ def test_grid_writes_the_table_and_reuses_finished_runs(tiny_model_dir, rm_dir, 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # on a busy 2-core machine threads slow a tiny model ~10x
     out = tmp_path / "ablate"
     argv = ["--sft", tiny_model_dir, "--rm", rm_dir, "--data", f"{DEMO}/ppo.jsonl", "--eval_data", f"{DEMO}/test.jsonl",
-            "--output_dir", out, "--seeds", 1, "--variants", "baseline,grpo", "--eval_max_new_tokens", 4, "--", *TINY]
+            "--output_dir", out, "--seeds", 1, "--variants", "baseline,grpo,dpo", "--eval_max_new_tokens", 4,
+            "--pairs", f"{DEMO}/rm_test.jsonl",
+            "--dpo_args", "--max_steps 2 --per_device_train_batch_size 2 --val_size 0", "--", *TINY]
     ablate(monkeypatch, *argv)
     table = (out / "results.md").read_text(encoding="utf-8").splitlines()
-    assert [line.split("|")[1].strip() for line in table if line.startswith("| ")][1:] == ["baseline", "grpo"]
+    variants = [line.split("|")[1].strip() for line in table if line.startswith("| ")][1:]
+    assert variants == ["baseline", "grpo", "dpo"]
+    assert table[4].endswith("| 1 | 4 responses |") and table[6].endswith("| 1 | 4 pairs |")  # budgets stated
     summary = json.loads((out / "results.json").read_text())["summary"]
     for row in summary:
         assert {"rm_score", "gold", "kl_to_sft", "response_length", "wall_s"} <= set(row)
@@ -75,8 +82,8 @@ def test_grid_writes_the_table_and_reuses_finished_runs(tiny_model_dir, rm_dir, 
     assert (out / "grpo" / "seed-1" / "adapter_model.safetensors").exists()
     if importlib.util.find_spec("matplotlib"):  # the grid's curves, and each run's own
         assert (out / "curves.png").exists() and (out / "grpo" / "seed-1" / "curves.png").exists()
-    markers = {v: (out / v / "seed-1" / "result.json").stat().st_mtime_ns for v in ("baseline", "grpo")}
-    logs = {v: (out / v / "seed-1" / "train.log").stat().st_mtime_ns for v in ("baseline", "grpo")}
+    markers = {v: (out / v / "seed-1" / "result.json").stat().st_mtime_ns for v in ("baseline", "grpo", "dpo")}
+    logs = {v: (out / v / "seed-1" / "train.log").stat().st_mtime_ns for v in ("baseline", "grpo", "dpo")}
 
     capsys.readouterr()
 
@@ -85,7 +92,7 @@ def test_grid_writes_the_table_and_reuses_finished_runs(tiny_model_dir, rm_dir, 
 
     monkeypatch.setattr(ablate_module.subprocess, "Popen", no_subprocess)
     ablate(monkeypatch, *argv)  # an interrupted or repeated grid: finished runs are not run again
-    assert capsys.readouterr().err.count("reused (finished before)") == 2
+    assert capsys.readouterr().err.count("reused (finished before)") == 3
     assert markers == {v: (out / v / "seed-1" / "result.json").stat().st_mtime_ns for v in markers}
     assert logs == {v: (out / v / "seed-1" / "train.log").stat().st_mtime_ns for v in logs}
     assert (out / "results.md").read_text(encoding="utf-8").splitlines() == table
