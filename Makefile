@@ -22,7 +22,8 @@ demo: install
 # The README's ablation table: PPO variants from the demo's SFT and reward model (run `make demo` first).
 ablate: install
 	OMP_NUM_THREADS=1 $(PYTHON) -m nanorlhf.ablate --sft $(DEMO)/sft-merged --rm $(DEMO)/rm-merged \
-	    --data data/demo/ppo.jsonl --eval_data data/demo/test.jsonl --output_dir runs/ablate --seeds 1 \
+	    --data data/demo/ppo.jsonl --eval_data data/demo/test.jsonl --output_dir runs/ablate --seeds 1,2,3 \
+	    --variants baseline,no_kl,k3,no_whiten_adv,no_value_clip,lambda_1,reinforce,rloo,grpo \
 	    -- --num_updates 10 --batch_size 16 --learning_rate 3e-4 --logging_steps 1 --response_length 96 \
 	    --missing_eos_penalty 5
 

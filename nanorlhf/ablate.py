@@ -243,7 +243,7 @@ def main():
     # each run's gold score against how far it moved from the SFT model: the judge beside the price
     plots.scatter({v: [(r["kl_to_sft"], r["gold"]) for r in results[v] if "gold" in r] for v in variants},
                   os.path.join(args.output_dir, "gold_vs_kl.png"), "KL to SFT (nats per answer)",
-                  "gold rubric (held-out, greedy)", title="each point: one seed")
+                  "gold rubric (held-out, greedy)", title="each point: one seed", xscale="symlog")
     print(table)
 
 

@@ -68,9 +68,9 @@ def plot(runs, path, keys=CURVES, title=""):
     return path
 
 
-def scatter(points, path, xlabel, ylabel, title=""):
+def scatter(points, path, xlabel, ylabel, title="", xscale="linear"):
     """One marker per point, one colour per label: points is {label: [(x, y), ...]}. Writes path (atomically)
-    and returns it; None without matplotlib or points."""
+    and returns it; None without matplotlib or points. xscale "symlog": linear below 1, logarithmic above."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -83,6 +83,10 @@ def scatter(points, path, xlabel, ylabel, title=""):
     for label, xy in points.items():
         if xy:
             ax.scatter(*zip(*xy), label=label, s=30)
+    if xscale == "symlog":
+        ax.set_xscale("symlog", linthresh=1.0)
+    else:
+        ax.set_xscale(xscale)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
