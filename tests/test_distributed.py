@@ -202,12 +202,14 @@ def test_sft_on_two_processes_is_one_process_with_the_same_global_batch(launcher
 @pytest.mark.slow
 def test_ppo_on_two_processes_is_one_process_and_resumes_bit_identically(launcher, tiny_model_dir, rm_dir,
                                                                           data, tmp_path):
-    common = ["--sft", tiny_model_dir, "--rm", rm_dir, "--data", data / "ppo.jsonl", *PPO]
+    # the reward model and a reward function (the gold rubric) together: each rank scores its own share
+    common = ["--sft", tiny_model_dir, "--rm", rm_dir, "--data", data / "ppo.jsonl", *PPO,
+              "--reward_fn", "nanorlhf.rewards:gold", "--reward_fn_weight", 0.5]
     one_process(launcher, "train_ppo.py", *common, "--output_dir", tmp_path / "one")
     stderr = torchrun("train_ppo.py", *common, "--output_dir", tmp_path / "two")
     # (not objective/kl: at iteration 1 it is rounding noise around 0, the policy being the reference)
-    names = ["objective/scores", "loss/policy_avg", "loss/value_avg", "val/explained_variance",
-             "val/response_length", "episodes"]
+    names = ["objective/scores", "objective/rm_scores", "objective/fn_scores", "loss/policy_avg",
+             "loss/value_avg", "val/explained_variance", "val/response_length", "episodes"]
     for row, reference in zip(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one"), strict=True):
         assert_close(row, reference, names)  # iteration 2 also: the same update in between
     assert_same_weights(tmp_path / "two", tmp_path / "one", atol=1e-5)
