@@ -4,9 +4,15 @@ bookkeeping every stage's loop shares (so the loop itself stays visible in the s
 
     output_dir/checkpoint-STEP/   the weights (PEFT adapter or safetensors) + trainer_state.pt
                                   (optimizer, scheduler, RNG states, step, whatever else the loop carries)
+                                  + manifest.json (every file's size, written last)
+
+A checkpoint appears whole, by one rename. What can still go wrong later (a copy cut short, a disk
+error) the manifest shows: --resume skips a checkpoint whose files do not match it, or that fails to
+load, says which and why, and resumes from the newest whole one.
 """
 
 import glob
+import json
 import os
 import random
 import shutil
@@ -108,6 +114,7 @@ def save_checkpoint(output_dir, step, save_weights, trainer_state, save_total_li
     def write(tmp):
         save_weights(tmp)
         torch.save({**trainer_state, "rng": rng, "step": step}, os.path.join(tmp, "trainer_state.pt"))
+        write_manifest(tmp)
 
     atomic_save(os.path.join(output_dir, f"checkpoint-{step}"), write)
     if save_total_limit > 0 and dist.is_main():
@@ -123,6 +130,42 @@ def list_checkpoints(output_dir):
         if name.isdigit() and os.path.isfile(os.path.join(path, "trainer_state.pt")):
             found.append((int(name), path))
     return [p for _, p in sorted(found)]
+
+
+MANIFEST = "manifest.json"
+
+
+def write_manifest(folder):
+    """folder/manifest.json: the size of every file in folder (and its subfolders), written last."""
+    sizes = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            sizes[os.path.relpath(path, folder).replace(os.sep, "/")] = os.path.getsize(path)
+    with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(sizes, f, indent=1, sort_keys=True)
+
+
+def damage(folder):
+    """Why a checkpoint's files do not match its manifest (a phrase), or None if they do. A checkpoint
+    saved before manifests existed has none: loading it is then the only check."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            sizes = json.load(f)
+    except (OSError, ValueError):
+        return f"{MANIFEST} is unreadable"
+    if not isinstance(sizes, dict):
+        return f"{MANIFEST} is unreadable"
+    for name, size in sorted(sizes.items()):
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if os.path.getsize(file) != size:
+            return f"{name} has {os.path.getsize(file)} bytes, {size} when saved"
+    return None
 
 
 def load_trainer_state(checkpoint_dir):
@@ -160,18 +203,30 @@ class CtrlC:
 
 
 def resume(output_dir, load_weights, state):
-    """Load the newest complete checkpoint: load_weights(checkpoint_dir) for the weights, then every
-    object in `state` (name -> something with load_state_dict: optimizer, scheduler, KL controller)
-    and this process's random state. Returns (step, trainer_state); (0, {}) when there is none."""
+    """Load the newest whole checkpoint: load_weights(checkpoint_dir) for the weights, then every object
+    in `state` (name -> something with load_state_dict: optimizer, scheduler, KL controller) and this
+    process's random state. A checkpoint that does not match its manifest or fails to load is skipped,
+    with a line saying why. Returns (step, trainer_state); (0, {}) when there is none."""
     checkpoints = list_checkpoints(output_dir)
     if not checkpoints:
         info(f"--resume: no checkpoint in {output_dir}, starting from scratch")
         return 0, {}
-    path = checkpoints[-1]
-    load_weights(path)
-    trainer_state = load_trainer_state(path)
-    for name, obj in state.items():
-        obj.load_state_dict(trainer_state[name])
+    skipped = []
+    for path in reversed(checkpoints):
+        why = damage(path)
+        if why is None:
+            try:
+                trainer_state = load_trainer_state(path)
+                load_weights(path)
+                for name, obj in state.items():
+                    obj.load_state_dict(trainer_state[name])
+                break
+            except Exception as e:  # damage its sizes do not show (bytes overwritten), or another run's files
+                why = f"does not load: {(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}"
+        info(f"--resume: skipping {path}: {why}")
+        skipped.append(f"{os.path.basename(path)} ({why})")
+    else:
+        raise UserError(f"{output_dir}: no whole checkpoint to resume from: {'; '.join(skipped)}")
     restore_rng(trainer_state)
     info(f"resumed from {path} (step {trainer_state['step']})")
     return trainer_state["step"], trainer_state

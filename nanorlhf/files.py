@@ -2,16 +2,21 @@
 name, then rename. A run killed at any moment leaves the old file or the new one, never half of one."""
 
 import os
+import re
 import shutil
 
 from nanorlhf import distributed as dist
+from nanorlhf.errors import WRITE_ERRORS, SaveFailed
 
 
 def atomic_write(path, write):
     """write(tmp_path) writes the file's contents; then tmp_path becomes `path` by one rename."""
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), ".tmp-" + os.path.basename(path))
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except Exception as e:
+        _give_up(e, path, tmp)
 
 
 def atomic_write_text(path, text):
@@ -39,8 +44,11 @@ def _atomic_save(final_dir, write):
     parent = os.path.dirname(os.path.abspath(final_dir))
     tmp = os.path.join(parent, f".tmp-{os.path.basename(final_dir)}")
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write(tmp)
+    try:
+        os.makedirs(tmp)
+        write(tmp)
+    except Exception as e:
+        _give_up(e, final_dir, tmp)
     if os.path.basename(final_dir).startswith("checkpoint-"):
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(tmp, final_dir)  # a whole checkpoint appears at once
@@ -53,3 +61,31 @@ def _atomic_save(final_dir, write):
             shutil.rmtree(target)
         os.replace(os.path.join(tmp, name), target)
     os.rmdir(tmp)
+
+
+def write_failure(error, folder):
+    """Why a write failed, when the file system refused it (disk full, read-only, no permission), else
+    None (a bug: let its traceback show). torch.save reports a full disk only as "unexpected pos": a
+    disk with under 1 MiB free at that moment is taken to be the cause."""
+    if isinstance(error, OSError):
+        return error.strerror if error.errno in WRITE_ERRORS else None
+    said = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(error))  # safetensors' wording
+    if said:
+        return said.group(1) if int(said.group(2)) in WRITE_ERRORS else None
+    try:
+        return "No space left on device" if shutil.disk_usage(folder).free < 2 ** 20 else None
+    except OSError:
+        return None
+
+
+def _give_up(error, path, tmp):
+    """A save that failed: remove its temporary copy, then report it (SaveFailed: one line, exit 4)."""
+    cause = write_failure(error, os.path.dirname(tmp))  # before removing tmp frees the space
+    if os.path.isdir(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif os.path.exists(tmp):
+        os.remove(tmp)
+    if cause is None:
+        raise error
+    raise SaveFailed(f"{path}: could not save it ({cause}); the partial copy was removed, "
+                     "earlier checkpoints are untouched") from None

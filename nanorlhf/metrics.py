@@ -15,7 +15,8 @@ from nanorlhf.files import atomic_write_text
 
 def info(msg):
     if dist.is_main():  # under torchrun only rank 0 speaks
-        print(msg, file=sys.stderr, flush=True)
+        sys.stderr.write(f"{msg}\n")  # one write: lines from two threads (ablate --jobs) stay whole
+        sys.stderr.flush()
 
 
 def check_finite(value, step, what="loss"):

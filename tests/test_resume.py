@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import sys
 
 import pytest
 import torch
@@ -172,3 +173,68 @@ def test_reward_model_scoring_nan_stops_ppo_with_exit_3(launcher, tiny_model_dir
     assert stderr.strip().splitlines()[-1] == ("error: training diverged: the reward model's score is nan "
                                                "at step 1; the last good checkpoint is kept")
     assert not os.path.exists(out / "adapter_model.safetensors")
+
+
+def test_resume_skips_damaged_checkpoints_and_continues_bit_identical_from_the_newest_whole_one(
+        launcher, unbroken, tiny_model_dir, rm_dir, data, tmp_path):
+    out = tmp_path / "sft"
+    cmd = [*stage_args("sft", tiny_model_dir, rm_dir, data), "--output_dir", out, "--save_steps", 2,
+           "--save_total_limit", 0]
+    code, stderr = launcher.run(*cmd)
+    assert code == 0, stderr
+    assert checkpoints(out) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    weights = out / "checkpoint-6" / "adapter_model.safetensors"
+    with open(weights, "r+b") as f:  # a disk error: the header's first bytes overwritten, the size unchanged
+        f.write(b"\xff" * 8)
+    cut = out / "checkpoint-4" / "trainer_state.pt"
+    size = cut.stat().st_size
+    os.truncate(cut, size // 2)  # a copy cut short
+    code, stderr = launcher.run(*cmd, "--resume")
+    assert code == 0, stderr
+    assert f"--resume: skipping {out / 'checkpoint-6'}: does not load: " in stderr
+    assert f"--resume: skipping {out / 'checkpoint-4'}: trainer_state.pt has {size // 2} bytes, {size} when saved" \
+        in stderr
+    assert f"resumed from {out / 'checkpoint-2'} (step 2)" in stderr
+    assert_same_run(out, unbroken["sft"])
+
+    for name in checkpoints(out):  # every checkpoint cut short: nothing to resume from
+        os.truncate(out / name / "adapter_model.safetensors", 10)
+    code, stderr = launcher.run(*cmd, "--resume")
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith(f"error: {out}: no whole checkpoint to resume from: "
+                                                      "checkpoint-6 (adapter_model.safetensors has 10 bytes, ")
+
+
+def test_a_full_disk_while_checkpointing_stops_with_exit_4_and_resume_continues(launcher, unbroken, tiny_model_dir,
+                                                                                rm_dir, data, tmp_path):
+    """The script runs in a fork whose torch.save refuses checkpoint-4's trainer state with ENOSPC."""
+    import errno
+
+    import torch
+    from conftest import run_as_main
+
+    out, stderr_path = tmp_path / "sft", tmp_path / "stderr"
+    cmd = [*stage_args("sft", tiny_model_dir, rm_dir, data), "--output_dir", out, "--save_steps", 2]
+    pid = os.fork()
+    if pid == 0:
+        save = torch.save
+
+        def full_disk(obj, path, *args, **kwargs):
+            if "checkpoint-4" in str(path):
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return save(obj, path, *args, **kwargs)
+
+        torch.save = full_disk
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__  # fds 1 and 2, not pytest's capture
+        os.environ.update(TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+        run_as_main(cmd[0], [str(a) for a in cmd[1:]], str(stderr_path))
+    _, status = os.waitpid(pid, 0)
+    stderr = stderr_path.read_text(encoding="utf-8")
+    assert os.waitstatus_to_exitcode(status) == 4 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: {out / 'checkpoint-4'}: could not save it (No space left on device); the partial copy was removed, "
+        "earlier checkpoints are untouched")
+    assert checkpoints(out) == ["checkpoint-2"] and not [n for n in os.listdir(out) if n.startswith(".tmp")]
+    code, stderr = launcher.run(*cmd, "--resume")  # space again: the run goes on from checkpoint-2
+    assert code == 0 and f"resumed from {out / 'checkpoint-2'}" in stderr, stderr
+    assert_same_run(out, unbroken["sft"])
