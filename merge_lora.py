@@ -8,13 +8,13 @@ adapter's task_type says which: CAUSAL_LM for PT/SFT/PPO, SEQ_CLS for a reward m
 trained score head is saved in the adapter and restored here).
 """
 
-import argparse
 import json
 import os
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from nanorlhf.args import ArgumentParser
 from nanorlhf.errors import UserError, run_main
 from nanorlhf.files import atomic_save
 from nanorlhf.loading import check_model_dir, load_model, load_tokenizer
@@ -23,11 +23,12 @@ from nanorlhf.metrics import info
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="the base model directory the adapter was trained on")
     parser.add_argument("--adapter", required=True, help="a PEFT-format LoRA adapter directory")
     parser.add_argument("--output_dir", required=True, help="where the merged model goes")
-    parser.add_argument("--dtype", default="auto", help="auto (the base's own) | float32 | bfloat16 | float16")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto (the base's own) | float32 | bfloat16 | float16")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow the base model's own code")
     args = parser.parse_args()
 

@@ -40,15 +40,21 @@ class Args(BaseArgs):
     """Direct preference optimisation (the DPO family) from an SFT model."""
     loss_type: str = dataclasses.field(default="sigmoid", metadata={
         "help": "sigmoid (DPO) | ipo | simpo | orpo", "choices": list(LOSS_TYPES)})
-    beta: float = dataclasses.field(default=0.1, metadata={"help": "DPO / IPO: how far from the reference"})
-    label_smoothing: float = dataclasses.field(default=0.0, metadata={"help": "cDPO: how often a label is wrong"})
-    simpo_beta: float = dataclasses.field(default=2.0, metadata={"help": "SimPO: reward scale"})
-    simpo_gamma: float = dataclasses.field(default=0.5, metadata={"help": "SimPO: target reward margin"})
-    orpo_lambda: float = dataclasses.field(default=0.1, metadata={"help": "ORPO: weight of the odds-ratio term"})
-    learning_rate: float = dataclasses.field(default=5e-5, metadata={"help": "peak learning rate"})
-    eval_steps: int = dataclasses.field(default=50, metadata={"help": "eval every N steps and at the end"})
+    beta: float = dataclasses.field(default=0.1, metadata={"help": "DPO / IPO: how far from the reference",
+                                                           "range": ">0"})
+    label_smoothing: float = dataclasses.field(default=0.0, metadata={"help": "cDPO: how often a label is wrong",
+                                                                      "range": "[0,0.5]"})
+    simpo_beta: float = dataclasses.field(default=2.0, metadata={"help": "SimPO: reward scale", "range": ">0"})
+    simpo_gamma: float = dataclasses.field(default=0.5, metadata={"help": "SimPO: target reward margin",
+                                                                  "range": ">=0"})
+    orpo_lambda: float = dataclasses.field(default=0.1, metadata={"help": "ORPO: weight of the odds-ratio term",
+                                                                  "range": ">=0"})
+    learning_rate: float = dataclasses.field(default=5e-5, metadata={"help": "peak learning rate", "range": ">=0"})
+    eval_steps: int = dataclasses.field(default=50, metadata={"help": "eval every N steps and at the end",
+                                                              "range": ">0"})
     val_size: float = dataclasses.field(default=0.1, metadata={
-        "help": "fraction of --data held out for evaluation when there is no --eval_data (0 = none)"})
+        "help": "fraction of --data held out for evaluation when there is no --eval_data (0 = none)",
+        "range": "[0,1)"})
 
 
 def load_pairs(tokenizer, paths, max_length):

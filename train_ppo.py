@@ -51,47 +51,62 @@ class Args(BaseArgs):
     sft: str = dataclasses.field(default="", metadata={"help": "the SFT policy (a merged model dir)"})
     rm: str = dataclasses.field(default="", metadata={"help": "the reward model: a merged RM dir, or train_rm.py's "
                                                       "LoRA adapter on --sft (then one base serves all roles)"})
-    learning_rate: float = dataclasses.field(default=1e-4, metadata={"help": "AdamW lr (policy and critic)"})
-    warmup_ratio: float = dataclasses.field(default=0.0, metadata={"help": "linear warmup fraction"})
-    max_length: int = dataclasses.field(default=256, metadata={"help": "longest prompt in tokens"})
+    learning_rate: float = dataclasses.field(default=1e-4, metadata={"help": "AdamW lr (policy and critic)",
+                                                                     "range": ">=0"})
+    warmup_ratio: float = dataclasses.field(default=0.0, metadata={"help": "linear warmup fraction", "range": "[0,1]"})
+    max_length: int = dataclasses.field(default=256, metadata={"help": "longest prompt in tokens", "range": ">0"})
     # rollout
-    num_updates: int = dataclasses.field(default=0, metadata={"help": "PPO iterations (0: from epochs/max_steps)"})
+    num_updates: int = dataclasses.field(default=0, metadata={"help": "PPO iterations (0: from epochs/max_steps)",
+                                                              "range": ">=0"})
     batch_size: int = dataclasses.field(default=16, metadata={"help": "responses per PPO iteration "
-                                                                "(batch_size / num_samples_per_prompt prompts)"})
-    response_length: int = dataclasses.field(default=48, metadata={"help": "max new tokens per response"})
-    temperature: float = dataclasses.field(default=0.7, metadata={"help": "sampling temperature (0 = greedy)"})
-    top_k: int = dataclasses.field(default=0, metadata={"help": "sample from the k likeliest (0 = off)"})
-    top_p: float = dataclasses.field(default=1.0, metadata={"help": "nucleus sampling (1.0 = off)"})
+                                                                "(batch_size / num_samples_per_prompt prompts)",
+                                                              "range": ">0"})
+    response_length: int = dataclasses.field(default=48, metadata={"help": "max new tokens per response",
+                                                                   "range": ">0"})
+    temperature: float = dataclasses.field(default=0.7, metadata={"help": "sampling temperature (0 = greedy)",
+                                                                  "range": ">=0"})
+    top_k: int = dataclasses.field(default=0, metadata={"help": "sample from the k likeliest (0 = off)",
+                                                        "range": ">=0"})
+    top_p: float = dataclasses.field(default=1.0, metadata={"help": "nucleus sampling (1.0 = off)", "range": "[0,1]"})
     # reward
-    kl_coef: float = dataclasses.field(default=0.05, metadata={"help": "KL penalty coefficient beta"})
-    kl_estimator: str = dataclasses.field(default="k1", metadata={"help": "k1 | k2 | k3 (Schulman's KL approximators)"})
-    target_kl: float = dataclasses.field(default=0.0, metadata={"help": "adaptive KL target (0 = fixed kl_coef)"})
-    kl_horizon: int = dataclasses.field(default=10000, metadata={"help": "adaptive KL horizon (Ziegler et al. 2019)"})
+    kl_coef: float = dataclasses.field(default=0.05, metadata={"help": "KL penalty coefficient beta", "range": ">=0"})
+    kl_estimator: str = dataclasses.field(default="k1", metadata={"help": "k1 | k2 | k3 (Schulman's KL approximators)",
+                                                                  "choices": ["k1", "k2", "k3"]})
+    target_kl: float = dataclasses.field(default=0.0, metadata={"help": "adaptive KL target (0 = fixed kl_coef)",
+                                                                "range": ">=0"})
+    kl_horizon: int = dataclasses.field(default=10000, metadata={"help": "adaptive KL horizon (Ziegler et al. 2019)",
+                                                                 "range": ">0"})
     missing_eos_penalty: float = dataclasses.field(default=1.0, metadata={"help": "subtracted from the score of a "
-                                                   "response that never ended (0 = off)"})
-    reward_clip: float = dataclasses.field(default=0.0, metadata={"help": "clip scores to [-c, c] (0 = off)"})
+                                                   "response that never ended (0 = off)", "range": ">=0"})
+    reward_clip: float = dataclasses.field(default=0.0, metadata={"help": "clip scores to [-c, c] (0 = off)",
+                                                                  "range": ">=0"})
     whiten_rewards: bool = dataclasses.field(default=False, metadata={"help": "whiten the shaped rewards"})
     # advantages
-    advantage_estimator: str = dataclasses.field(default="gae", metadata={"help": "gae | reinforce | rloo | grpo"})
-    num_samples_per_prompt: int = dataclasses.field(default=1, metadata={"help": "responses per prompt (rloo/grpo)"})
-    gamma: float = dataclasses.field(default=1.0, metadata={"help": "discount"})
-    lam: float = dataclasses.field(default=0.95, metadata={"help": "GAE lambda"})
+    advantage_estimator: str = dataclasses.field(default="gae", metadata={
+        "help": "gae | reinforce | rloo | grpo", "choices": ["gae", "reinforce", "rloo", "grpo"]})
+    num_samples_per_prompt: int = dataclasses.field(default=1, metadata={"help": "responses per prompt (rloo/grpo)",
+                                                                         "range": ">0"})
+    gamma: float = dataclasses.field(default=1.0, metadata={"help": "discount", "range": "[0,1]"})
+    lam: float = dataclasses.field(default=0.95, metadata={"help": "GAE lambda", "range": "[0,1]"})
     whiten_advantages: bool = dataclasses.field(default=True, metadata={"help": "whiten advantages per batch"})
     # update
-    ppo_epochs: int = dataclasses.field(default=4, metadata={"help": "passes over each rollout batch"})
-    num_mini_batches: int = dataclasses.field(default=2, metadata={"help": "optimizer steps per PPO epoch"})
-    cliprange: float = dataclasses.field(default=0.2, metadata={"help": "policy ratio clip epsilon"})
-    cliprange_value: float = dataclasses.field(default=0.2, metadata={"help": "value clip (<= 0 = off)"})
-    vf_coef: float = dataclasses.field(default=0.1, metadata={"help": "value loss coefficient"})
-    critic_init: str = dataclasses.field(default="rm", metadata={"help": "value head from the rm head, or fresh"})
+    ppo_epochs: int = dataclasses.field(default=4, metadata={"help": "passes over each rollout batch", "range": ">0"})
+    num_mini_batches: int = dataclasses.field(default=2, metadata={"help": "optimizer steps per PPO epoch",
+                                                                   "range": ">0"})
+    cliprange: float = dataclasses.field(default=0.2, metadata={"help": "policy ratio clip epsilon", "range": ">0"})
+    cliprange_value: float = dataclasses.field(default=0.2, metadata={"help": "value clip (<= 0 = off)",
+                                                                      "range": "any"})
+    vf_coef: float = dataclasses.field(default=0.1, metadata={"help": "value loss coefficient", "range": ">=0"})
+    critic_init: str = dataclasses.field(default="rm", metadata={"help": "value head from the rm head, or fresh",
+                                                                 "choices": ["rm", "fresh"]})
     # rewards a program computes (nanorlhf/rewards.py), alone or beside the reward model
     reward_fn: str = dataclasses.field(default="", metadata={"help": "reward function(s) FILE.py:NAME or "
                                        "package.module:NAME, comma-separated, summed (e.g. nanorlhf.rewards:accuracy)"})
     reward_fn_kwargs: str = dataclasses.field(default="", metadata={"help": "JSON object of keyword arguments "
                                               "for the reward function(s)"})
     rm_weight: float = dataclasses.field(default=1.0, metadata={"help": "score = rm_weight * rm + "
-                                                                 "reward_fn_weight * fn"})
-    reward_fn_weight: float = dataclasses.field(default=1.0, metadata={"help": "see --rm_weight"})
+                                                                 "reward_fn_weight * fn", "range": "any"})
+    reward_fn_weight: float = dataclasses.field(default=1.0, metadata={"help": "see --rm_weight", "range": "any"})
     rm_tokenizer_mismatch: str = dataclasses.field(default="error", metadata={
         "help": "a reward model with another tokenizer: error, or retokenize (it scores the decoded text)",
         "choices": ["error", "retokenize"]})
@@ -101,19 +116,14 @@ class Args(BaseArgs):
 
 
 def check_args(args, world):
-    """Every flag combination PPO refuses, checked once, before anything is loaded."""
+    """Every flag combination PPO refuses, checked once, before anything is loaded (each flag's own range
+    and choices were checked when the flags were parsed)."""
     group = args.num_samples_per_prompt
-    if args.advantage_estimator not in ("gae", "reinforce", "rloo", "grpo"):
-        raise UserError(f"--advantage_estimator must be gae, reinforce, rloo or grpo, got {args.advantage_estimator!r}")
     if args.advantage_estimator in ("rloo", "grpo") and group < 2:
         raise UserError(f"--advantage_estimator {args.advantage_estimator} needs --num_samples_per_prompt >= 2")
-    if group < 1 or args.batch_size % group:
+    if args.batch_size % group:
         raise UserError(f"--batch_size {args.batch_size} counts responses: it must be a multiple of "
                         f"--num_samples_per_prompt {group}")
-    if args.kl_estimator not in ("k1", "k2", "k3"):
-        raise UserError(f"--kl_estimator must be k1, k2 or k3, got {args.kl_estimator!r}")
-    if args.critic_init not in ("rm", "fresh"):
-        raise UserError(f"--critic_init must be rm or fresh, got {args.critic_init!r}")
     if not args.rm and not args.reward_fn:
         raise UserError("--rm (a reward model) or --reward_fn (a reward function) is required")
     prompts_per_update = max(1, args.batch_size // group)

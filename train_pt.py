@@ -28,11 +28,14 @@ from nanorlhf.training import lm_backward, optimizer_and_schedule, optimizer_ste
 @dataclasses.dataclass
 class Args(BaseArgs):
     """Continued pretraining (PT)."""
-    finetuning_type: str = dataclasses.field(default="full", metadata={"help": "lora | full"})
-    learning_rate: float = dataclasses.field(default=1e-3, metadata={"help": "peak learning rate"})
-    block_size: int = dataclasses.field(default=128, metadata={"help": "tokens per training block"})
-    model_size: str = dataclasses.field(default="tiny", metadata={"help": "tiny | small (no --model only)"})
-    vocab_size: int = dataclasses.field(default=3000, metadata={"help": "tokenizer size (no --model only)"})
+    finetuning_type: str = dataclasses.field(default="full", metadata={"help": "lora | full",
+                                                                         "choices": ["lora", "full"]})
+    learning_rate: float = dataclasses.field(default=1e-3, metadata={"help": "peak learning rate", "range": ">=0"})
+    block_size: int = dataclasses.field(default=128, metadata={"help": "tokens per training block", "range": ">0"})
+    model_size: str = dataclasses.field(default="tiny", metadata={"help": "tiny | small (no --model only)",
+                                                                  "choices": ["tiny", "small"]})
+    vocab_size: int = dataclasses.field(default=3000, metadata={
+        "help": "tokenizer size (no --model only; the 256 bytes and 4 special tokens need 260)", "range": ">=260"})
 
 
 def main():

@@ -39,9 +39,11 @@ from nanorlhf.training import optimizer_and_schedule, optimizer_step, train_and_
 @dataclasses.dataclass
 class Args(BaseArgs):
     """Reward model (RM) training on preference pairs; N pairs are one forward of 2N sequences."""
-    eval_steps: int = dataclasses.field(default=50, metadata={"help": "eval every N steps and at the end"})
+    eval_steps: int = dataclasses.field(default=50, metadata={"help": "eval every N steps and at the end",
+                                                              "range": ">0"})
     val_size: float = dataclasses.field(default=0.1, metadata={
-        "help": "fraction of --data held out for evaluation when there is no --eval_data (0 = none)"})
+        "help": "fraction of --data held out for evaluation when there is no --eval_data (0 = none)",
+        "range": "[0,1)"})
     margin_field: str = dataclasses.field(default="", metadata={
         "help": "record field holding a numeric margin for the loss (Llama 2); empty = no margin"})
     normalize_scores: bool = dataclasses.field(default=False, metadata={

@@ -27,7 +27,8 @@ from nanorlhf.training import lm_backward, lm_loss_sum, optimizer_and_schedule, 
 @dataclasses.dataclass
 class Args(BaseArgs):
     """Supervised fine-tuning (SFT)."""
-    eval_steps: int = dataclasses.field(default=50, metadata={"help": "evaluate --eval_data every N steps"})
+    eval_steps: int = dataclasses.field(default=50, metadata={"help": "evaluate --eval_data every N steps",
+                                                              "range": ">0"})
 
 
 def load_dialogues(tokenizer, paths, max_length):

@@ -9,14 +9,13 @@ is sampled one token at a time with a KV cache and printed as it comes. Type /re
 the dialogue, /exit (or Ctrl-D) to quit; Ctrl-C stops an answer.
 """
 
-import argparse
 import os
 import sys
 
 import torch
 from transformers import DynamicCache
 
-from nanorlhf.args import pick_device
+from nanorlhf.args import SEED_RANGE, ArgumentParser, pick_device
 from nanorlhf.data import encode_prompt
 from nanorlhf.errors import UserError, run_main
 from nanorlhf.evaluate import load_policy
@@ -102,21 +101,23 @@ def answer(model, tokenizer, prompt_ids, args, eos_ids, out=None):
     return "".join(pieces).strip()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser():
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a merged model dir or a LoRA adapter dir")
     parser.add_argument("--prompt", default="", help="answer this one message and exit")
     parser.add_argument("--system", default="", help="a system message")
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    parser.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest (0 = off)")
-    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (1.0 = off)")
-    parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=None, help="fix the sampling (default: random)")
+    parser.add_argument("--temperature", type=float, default=0.7, range=">=0", help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=0, range=">=0", help="sample from the k likeliest (0 = off)")
+    parser.add_argument("--top_p", type=float, default=1.0, range="[0,1]", help="nucleus sampling (1.0 = off)")
+    parser.add_argument("--max_new_tokens", type=int, default=256, range=">0")
+    parser.add_argument("--seed", type=int, default=None, range=SEED_RANGE, help="fix the sampling (default: random)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow the model's own code")
-    args = parser.parse_args()
-    if args.max_new_tokens < 1:
-        raise UserError("--max_new_tokens must be at least 1")
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
     device, dtype = pick_device(args.device)
     tokenizer, model = load_policy(args.model, device, dtype, args.trust_remote_code)
     if args.seed is not None:

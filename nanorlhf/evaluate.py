@@ -16,7 +16,6 @@ that answers and stops (the demo's first PPO model did exactly that).
 A model is a merged model dir or a LoRA adapter dir (its base read from adapter_config.json).
 """
 
-import argparse
 import json
 import os
 import re
@@ -25,7 +24,7 @@ import statistics
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from nanorlhf.args import pick_device
+from nanorlhf.args import SEED_RANGE, ArgumentParser, pick_device
 from nanorlhf.data import encode_prompt, prompt_messages, read_records
 from nanorlhf.errors import UserError, run_main
 from nanorlhf.files import atomic_save
@@ -95,18 +94,18 @@ MAX_NEW_TOKENS = 256  # room to end: well beyond what the demo (and most PPO run
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="NAME=DIR, e.g. sft=runs/sft-merged ppo=runs/ppo")
     parser.add_argument("--data", default="data/demo/test.jsonl", help="held-out prompts (+ reference, condition)")
     parser.add_argument("--rm", default="", help="a reward model dir to score the answers")
     parser.add_argument("--ref", default="", help="reference model for KL (default: the first model)")
     parser.add_argument("--world", default="data/demo/world.json", help="the demo world, for the gold rubric")
     parser.add_argument("--output_dir", default="", help="where predictions and the table go")
-    parser.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS,
+    parser.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS, range=">0",
                         help="room to end; an answer still going at this length counts as not ended")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.0, range=">=0", help="0 = greedy (default)")
+    parser.add_argument("--batch_size", type=int, default=32, range=">0")
+    parser.add_argument("--seed", type=int, default=0, range=SEED_RANGE)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow the models' own code")
     return parser

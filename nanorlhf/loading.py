@@ -55,11 +55,8 @@ def setup_model(args, cls, device, dtype, tokenizer, lora_exclude=(), **load_kwa
     model = load_model(args.model, cls, device, dtype, trust_remote_code=args.trust_remote_code,
                        tokenizer=tokenizer, **load_kwargs)
     if args.finetuning_type == "lora":
-        try:
-            add_lora(model, r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                     targets=args.lora_target, exclude=list(lora_exclude))
-        except ValueError as e:
-            raise UserError(f"--lora_target: {e}") from None
+        add_lora(model, r=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                 targets=args.lora_target, exclude=list(lora_exclude))  # a --lora_target matching nothing: UserError
     return model
 
 

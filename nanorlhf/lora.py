@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from nanorlhf.errors import UserError
 from nanorlhf.files import atomic_write, atomic_write_text
 
 # A PeftModel holds a LoraModel as `.base_model`, which holds the transformers model as `.model`.
@@ -92,6 +93,11 @@ def _matches(name, suffixes):
     return any(name == s or name.endswith("." + s) for s in suffixes)
 
 
+def _linear_names(model):
+    """The last part of the name of every nn.Linear layer: what LoRA targets can name."""
+    return ", ".join(sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)}))
+
+
 def _lora_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
 
@@ -107,6 +113,7 @@ def add_lora(model, r=8, alpha=16, dropout=0.0, targets="all", exclude=(), adapt
     targets: "all" (every nn.Linear but the output heads lm_head/score/v_head), or module-name
     suffixes as a list or a comma-separated string ("q_proj,v_proj"). exclude: names never wrapped.
     Every non-LoRA parameter is frozen afterwards; unfreeze a head yourself if you train it.
+    Targets that match no layer are a UserError (they come from the user's --lora_target).
     On a model that has LoRA layers already, adds another named `adapter` (to the layers it targets;
     a layer without the active adapter computes its base alone) and makes it the active one; the
     other adapters keep their trainable flags.
@@ -125,9 +132,9 @@ def add_lora(model, r=8, alpha=16, dropout=0.0, targets="all", exclude=(), adapt
         and (not _matches(name, OUTPUT_HEADS) if targets == "all" else _matches(name, targets))
     ]
     if not names:
-        linear = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"add_lora: targets {targets!r} match no nn.Linear layer of {type(model).__name__}; "
-                         f"its linear layers are named: {', '.join(linear) or 'none'}")
+        given = targets if isinstance(targets, str) else ",".join(targets)
+        raise UserError(f"--lora_target {given} matches no nn.Linear layer of {type(model).__name__}; "
+                        f"its linear layers are named: {_linear_names(model) or 'none'}")
     if not existing:
         model.requires_grad_(False)
     for name in names:
@@ -298,8 +305,9 @@ def load_adapter(model, adapter_dir, adapter="default"):
         try:
             add_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
                      targets=targets, exclude=exclude, adapter=adapter)
-        except ValueError as e:
-            raise ValueError(f"{adapter_dir}: {e}") from None
+        except UserError:  # targets from the adapter's config, not from --lora_target
+            raise ValueError(f"{adapter_dir}: target_modules {targets} match no nn.Linear layer of "
+                             f"{type(model).__name__}; its linear layers are named: {_linear_names(model)}") from None
     elif (configs[adapter]["r"], configs[adapter]["alpha"]) != (config["r"], config["lora_alpha"]):
         ours = configs[adapter]
         raise ValueError(f"{adapter_dir}: adapter has r={config['r']}, lora_alpha={config['lora_alpha']}, "

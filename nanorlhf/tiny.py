@@ -13,6 +13,7 @@ import sentencepiece as spm
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from nanorlhf.errors import UserError
 from nanorlhf.template import CHATML_TEMPLATE  # ChatML, Qwen2.5's format: what a student learns here carries over
 
 # pad must differ from EOS: transformers' sequence classifier reads the last non-pad token, and
@@ -46,15 +47,22 @@ def train_tokenizer(texts, vocab_size=3000):
     """
     with tempfile.TemporaryDirectory() as tmp:
         prefix = os.path.join(tmp, "sp")
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(CJK.sub(DELIMITER + r"\1" + DELIMITER, t) for t in texts if t.strip()),
-            pretokenization_delimiter=DELIMITER, model_prefix=prefix,
-            vocab_size=vocab_size, hard_vocab_limit=False, model_type="unigram",
-            character_coverage=1.0, byte_fallback=True, split_digits=True,
-            normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
-            pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, user_defined_symbols=SPECIAL_TOKENS[2:],
-            num_threads=2, minloglevel=2,
-        )
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(CJK.sub(DELIMITER + r"\1" + DELIMITER, t) for t in texts if t.strip()),
+                pretokenization_delimiter=DELIMITER, model_prefix=prefix,
+                vocab_size=vocab_size, hard_vocab_limit=False, model_type="unigram",
+                character_coverage=1.0, byte_fallback=True, split_digits=True,
+                normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+                pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, user_defined_symbols=SPECIAL_TOKENS[2:],
+                num_threads=2, minloglevel=2,
+            )
+        except RuntimeError as e:  # SentencePiece's own check would be a C++ traceback
+            need = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+            if need is None:
+                raise
+            raise UserError(f"--vocab_size {vocab_size} is too small for this data: its characters, the 256 "
+                            f"bytes and the special tokens need {need[1]}") from None
         sp = spm.SentencePieceProcessor(model_file=prefix + ".model")
     # The same unigram model, expressed for the `tokenizers` library so transformers can save it
     # as tokenizer.json; the encoding is identical to SentencePiece's.

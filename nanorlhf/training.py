@@ -85,8 +85,6 @@ def batch_order(n, seed, epoch):
 def train_and_held_out(load, args):
     """(training examples, held-out examples): load(args.data), and load(args.eval_data) when given, else
     --val_size of --data held out (0: none)."""
-    if not 0 <= args.val_size < 1:
-        raise UserError(f"--val_size must be in [0, 1), got {args.val_size}")
     train = load(args.data)
     if args.eval_data:
         return train, load(args.eval_data)

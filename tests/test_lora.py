@@ -15,6 +15,7 @@ from torch import nn
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, Qwen2Config,
                           Qwen2ForCausalLM, Qwen2ForSequenceClassification)
 
+from nanorlhf.errors import UserError
 from nanorlhf.lora import (LoRALinear, active_adapter, add_lora, count_parameters, disable_adapters, load_adapter,
                            lora_state_dict, merge_lora, read_adapter_tensors, save_adapter, use_adapter)
 
@@ -153,7 +154,7 @@ def test_add_lora_takes_comma_separated_targets():
 
 
 def test_add_lora_with_targets_matching_nothing_raises():
-    with pytest.raises(ValueError, match="match no nn.Linear"):
+    with pytest.raises(UserError, match="^--lora_target query_key_value matches no nn.Linear"):
         add_lora(causal_lm(), targets=["query_key_value"])
 
 
