@@ -1,13 +1,14 @@
 """Reading the data formats users already have, and turning them into token ids and labels.
 
-Every record keeps where it came from ("file:line"), so a bad record gets one clear line that
-names the file and the line. Chat formatting is nanorlhf.template's (the tokenizer's own chat
-template); labels are set only on assistant turns (every one of a multi-turn dialogue), up to and
-including the token that ends each turn.
+Every record keeps where it came from ("file:line"), so a bad record, or a field of the wrong type
+(each is checked before it is used), gets one clear line that names the file and the line. Chat
+formatting is nanorlhf.template's (the tokenizer's own chat template); labels are set only on
+assistant turns (every one of a multi-turn dialogue), up to and including the token that ends each turn.
 """
 
 import json
 import os
+import re
 
 import torch
 
@@ -19,8 +20,11 @@ IGNORE = -100  # label of a token that is context, not something the model shoul
 
 # ---------------------------------------------------------------- reading files
 
+EXTENSIONS = (".txt", ".json", ".jsonl")
+
+
 def read_records(paths):
-    """Read `.txt` (one document per line), `.json` (an array) or `.jsonl` files.
+    """Read `.txt` (one document per line), `.json` (an array) or `.jsonl` files, or directories of them.
 
     `paths` is a list or a comma-separated string. Returns a list of (where, record) with where
     = "file:line" (or "file: record N" inside a .json array); a .txt line becomes {"text": line}.
@@ -31,53 +35,95 @@ def read_records(paths):
         raise UserError("no data file given (--data)")
     out = []
     for path in paths:
-        if not os.path.isfile(path):
-            raise UserError(f"{path}: no such file")
-        ext = os.path.splitext(path)[1].lower()
-        if ext not in (".txt", ".json", ".jsonl"):
-            raise UserError(f"{path}: unknown extension {ext!r} (expected .txt, .json or .jsonl)")
-        with open(path, "rb") as f:
-            raw = f.read()
-        lines = raw.split(b"\n")
-        for lineno, line in enumerate(lines, 1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line)") from None
-        text = raw.decode("utf-8").lstrip("\ufeff")
-        n_before = len(out)
-        if not text.strip():  # fix: an empty .json file was reported as "malformed JSON", not as empty
-            raise UserError(f"{path}: file is empty (no records)")
-        if ext == ".txt":
-            out += [(f"{path}:{i}", {"text": line.rstrip("\r")}) for i, line in enumerate(text.split("\n"), 1)
-                    if line.strip()]
-        elif ext == ".jsonl":
-            for i, line in enumerate(text.split("\n"), 1):
-                if line.strip():
-                    out.append((f"{path}:{i}", _parse_json(line, f"{path}:{i}", in_line=True)))
-        else:
-            data = _parse_json(text, path, want_object=False)
-            if not isinstance(data, list):
-                raise UserError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
-            for i, rec in enumerate(data, 1):
-                if not isinstance(rec, dict):
-                    raise UserError(f"{path}: record {i}: expected a JSON object, got {type(rec).__name__}")
-                out.append((f"{path}: record {i}", rec))
-        if len(out) == n_before:
-            raise UserError(f"{path}: file is empty (no records)")
+        for file in data_files(path):
+            out += _read_file(file)
+    return out
+
+
+def data_files(path):
+    """The files a --data path names: the file itself, or every .txt/.json/.jsonl file in a directory
+    and its sub-directories (as MedicalGPT reads a --train_file_dir), in sorted order. Hidden files
+    and folders are skipped, and so is LLaMA-Factory's dataset_info.json (it describes data, it is none)."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: no such file")
+    files = []
+    for folder, subfolders, names in os.walk(path):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        files += [os.path.join(folder, name) for name in names
+                  if os.path.splitext(name)[1].lower() in EXTENSIONS
+                  and not name.startswith(".") and name != "dataset_info.json"]
+    if not files:
+        raise UserError(f"{path}: a directory with no .txt, .json or .jsonl file")
+    return sorted(files)
+
+
+def _read_file(path):
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in EXTENSIONS:
+        raise UserError(f"{path}: unknown extension {ext!r} (expected .txt, .json or .jsonl)")
+    with open(path, "rb") as f:
+        raw = f.read()
+    for lineno, line in enumerate(raw.split(b"\n"), 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line)") from None
+    text = raw.decode("utf-8").lstrip("\ufeff")
+    if not text.strip():  # fix: an empty .json file was reported as "malformed JSON", not as empty
+        raise UserError(f"{path}: file is empty (no records)")
+    out = []
+    if ext == ".txt":
+        out = [(f"{path}:{i}", {"text": line.rstrip("\r")}) for i, line in enumerate(text.split("\n"), 1)
+               if line.strip()]
+    elif ext == ".jsonl":
+        for i, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                out.append((f"{path}:{i}", _parse_json(line, f"{path}:{i}", in_line=True)))
+    else:
+        data = _parse_json(text, path, want_object=False)
+        if not isinstance(data, list):
+            raise UserError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
+        for i, rec in enumerate(data, 1):
+            if not isinstance(rec, dict):
+                raise UserError(f"{path}: record {i}: expected a JSON object, got {type(rec).__name__}")
+            out.append((f"{path}: record {i}", rec))
+    if not out:
+        raise UserError(f"{path}: file is empty (no records)")
     return out
 
 
 def _parse_json(text, where, want_object=True, in_line=False):
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        # fix: a .jsonl line is its own document, so json's "line 1" contradicted the file:line in `where`
-        position = f"column {e.colno}" if in_line else f"line {e.lineno}, column {e.colno}"
-        raise UserError(f"{where}: malformed JSON: {e.msg} ({position})") from None
+    obj = _loads(text, where, "malformed JSON", in_line)
     if want_object and not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     return obj
+
+
+# JSON may escape half of a UTF-16 surrogate pair alone ("\ud83d"): Python reads it as a string that is
+# not Unicode text, and no tokenizer can encode it
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _loads(text, where, what, in_line):
+    """json.loads; each way it fails is one line: "{where}: {what}: why"."""
+    try:
+        value = json.loads(text)
+        if _SURROGATE_ESCAPE.search(text):  # rare: then check every string of the value
+            json.dumps(value, ensure_ascii=False).encode("utf-8")  # UnicodeEncodeError on a lone surrogate
+        return value
+    except json.JSONDecodeError as e:
+        # fix: a .jsonl line is its own document, so json's "line 1" contradicted the file:line in `where`
+        position = f"column {e.colno}" if in_line else f"line {e.lineno}, column {e.colno}"
+        raise UserError(f"{where}: {what}: {e.msg} ({position})") from None
+    except UnicodeEncodeError:
+        raise UserError(f"{where}: {what}: a \\u escape of half a surrogate pair (\\ud800-\\udfff) "
+                        "without the other half is not a character") from None
+    except RecursionError:
+        raise UserError(f"{where}: {what}: nested too deeply") from None
+    except ValueError:  # an integer of more than 4300 digits
+        raise UserError(f"{where}: {what}: a number too long to read") from None
 
 
 # ---------------------------------------------------------------- formats -> messages
@@ -88,21 +134,26 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
          "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool"}
 
 
-def _text(value, where, field):
+def _text(value, where, field, optional=False):
+    """A string field. `optional`: an absent (or null) field reads as ""."""
     if value is None:  # fix: an absent field read "must be a string, got NoneType"
+        if optional:
+            return ""
         raise UserError(f"{where}: missing field {field!r}")
     if not isinstance(value, str):
         raise UserError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
     return value
 
 
+def _one_line(text):
+    """Text from the data, shown in a message: its line breaks and other control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _json_field(value, where, field):
     """A field that holds JSON: already parsed (a list or an object), or a string of it."""
     if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: field {field!r} is not valid JSON: {e.msg} (column {e.colno})") from None
+        return _loads(value, where, f"field {field!r} is not valid JSON", in_line=True)
     return value
 
 
@@ -111,6 +162,8 @@ def _tool_calls(value, where, field):
     {"name", "arguments"}}]. Accepts {"name", "arguments"}, a list of them, or OpenAI's tool_calls."""
     calls = _json_field(value, where, field)
     calls = calls if isinstance(calls, list) else [calls]
+    if not calls:
+        raise UserError(f"{where}: {field} is an empty list of tool calls")
     out = []
     for call in calls:
         call = call.get("function", call) if isinstance(call, dict) else call
@@ -118,6 +171,8 @@ def _tool_calls(value, where, field):
             raise UserError(f"{where}: {field} must be a tool call {{\"name\": ..., \"arguments\": ...}} "
                             "(or a list of them)")
         arguments = _json_field(call.get("arguments", {}), where, f"{field} arguments")
+        if not isinstance(arguments, dict):
+            raise UserError(f"{where}: field '{field} arguments' must be an object, got {type(arguments).__name__}")
         out.append({"type": "function", "function": {"name": call["name"], "arguments": arguments}})
     return out
 
@@ -130,39 +185,52 @@ def _message_list(turns, where, field):
     for j, turn in enumerate(turns, 1):
         if not isinstance(turn, dict):
             raise UserError(f"{where}: {field}[{j}] must be an object, got {type(turn).__name__}")
-        role = turn.get("role", turn.get("from"))
+        role_key, content_key = ("from", "value") if "from" in turn and "role" not in turn else ("role", "content")
+        role = _text(turn.get(role_key), where, f"{field}[{j}] {role_key}")
         content = turn.get("content", turn.get("value"))
-        if not isinstance(role, str) or role not in ROLES:
+        if role not in ROLES:
             raise UserError(f"{where}: {field}[{j}] has unknown role {role!r} "
                             f"(expected one of {', '.join(sorted(ROLES))})")
-        if role == "function_call" or (ROLES[role] == "assistant" and turn.get("tool_calls")):
-            calls = _tool_calls(content if role == "function_call" else turn["tool_calls"], where, f"{field}[{j}]")
-            # `content` is the call as plain text, for a template that knows no tools
-            text = content if isinstance(content, str) and content else json.dumps(
-                [c["function"] for c in calls] if len(calls) > 1 else calls[0]["function"], ensure_ascii=False)
-            messages.append({"role": "assistant", "content": text, "tool_calls": calls})
+        if role == "function_call":  # its value is the call
+            calls = _tool_calls(content, where, f"{field}[{j}]")
+            text = content if isinstance(content, str) else ""
+        elif ROLES[role] == "assistant" and turn.get("tool_calls") not in (None, []):
+            calls = _tool_calls(turn["tool_calls"], where, f"{field}[{j}]")
+            text = _text(content, where, f"{field}[{j}] {content_key}", optional=True)
         else:
-            messages.append({"role": ROLES[role], "content": _text(content, where, f"{field}[{j}] content")})
+            messages.append({"role": ROLES[role], "content": _text(content, where, f"{field}[{j}] {content_key}")})
+            continue
+        # `content` is the call as plain text, for a template that knows no tools
+        text = text or json.dumps([c["function"] for c in calls] if len(calls) > 1 else calls[0]["function"],
+                                  ensure_ascii=False)
+        messages.append({"role": "assistant", "content": text, "tool_calls": calls})
     return messages
 
 
 def _tools(rec, where):
     """The record's `tools` (LLaMA-Factory: a JSON string of a list; or a list): function
     descriptions {"name", "description", "parameters"}, unwrapped from OpenAI's {"type", "function"}."""
-    if not rec.get("tools"):
+    if rec.get("tools") in (None, "", []):
         return None
     tools = _json_field(rec["tools"], where, "tools")
-    tools = tools if isinstance(tools, list) else [tools]
-    if not all(isinstance(t, dict) for t in tools):
-        raise UserError(f"{where}: field 'tools' must be a list of function descriptions")
-    return [t.get("function", t) if t.get("type") == "function" else t for t in tools]
+    out = []
+    for j, tool in enumerate(tools if isinstance(tools, list) else [tools], 1):
+        if isinstance(tool, dict) and tool.get("type") == "function":
+            tool = tool.get("function")
+        if not (isinstance(tool, dict) and isinstance(tool.get("name"), str)):
+            raise UserError(f"{where}: tools[{j}] must be a function description {{\"name\": ..., ...}}")
+        out.append(tool)
+    return out or None
 
 
 def _history(rec, where):
     """MedicalGPT/alpaca `history`: [[question, answer], ...] before the current turn."""
-    history = rec.get("history") or []
+    history = rec.get("history")
+    if history is None:
+        return []
     if not isinstance(history, list):
-        raise UserError(f"{where}: field 'history' must be a list of [question, answer] pairs")
+        raise UserError(f"{where}: field 'history' must be a list of [question, answer] pairs, "
+                        f"got {type(history).__name__}")
     messages = []
     for j, pair in enumerate(history, 1):
         if not (isinstance(pair, list) and len(pair) == 2):
@@ -177,16 +245,16 @@ def to_messages(rec, where):
 
     A `tools` field rides on the first message (key "tools"): the dialogue stays one list, and
     template.render hands the tools to the chat template."""
-    system = [{"role": "system", "content": _text(rec["system"], where, "system")}] if rec.get("system") else []
+    system_text = _text(rec.get("system"), where, "system", optional=True)
+    system = [{"role": "system", "content": system_text}] if system_text else []
     if "messages" in rec:
         messages = _message_list(rec["messages"], where, "messages")
     elif "conversations" in rec:
         messages = _message_list(rec["conversations"], where, "conversations")
     elif "instruction" in rec:
         user = _text(rec["instruction"], where, "instruction")
-        if rec.get("input"):
-            user += "\n" + _text(rec["input"], where, "input")
-        messages = _history(rec, where) + [{"role": "user", "content": user}]
+        extra = _text(rec.get("input"), where, "input", optional=True)
+        messages = _history(rec, where) + [{"role": "user", "content": user + "\n" + extra if extra else user}]
         if "output" in rec:
             messages.append({"role": "assistant", "content": _text(rec["output"], where, "output")})
     elif "prompt" in rec or "question" in rec:
@@ -196,10 +264,11 @@ def to_messages(rec, where):
         else:
             messages = _history(rec, where) + [{"role": "user", "content": _text(rec[field], where, field)}]
         for answer in ("response", "completion", "output"):
-            if answer in rec and isinstance(rec[answer], str):
-                messages.append({"role": "assistant", "content": rec[answer]})
+            if rec.get(answer) is not None:
+                messages.append({"role": "assistant", "content": _text(rec[answer], where, answer)})
     else:
-        raise UserError(f"{where}: record of no known format (fields: {', '.join(sorted(rec)) or 'none'}; "
+        fields = ", ".join(_one_line(name) for name in sorted(rec)) or "none"
+        raise UserError(f"{where}: record of no known format (fields: {fields}; "
                         "expected messages, conversations, instruction/output or prompt)")
     if messages and messages[0]["role"] == "system":
         system, messages = messages[:1], messages[1:]

@@ -7,8 +7,11 @@ text written out by hand: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per turn
 
 import itertools
 import json
+import os
+import runpy
 
 import pytest
+from conftest import ROOT, demo_subset, read_metrics, run_script
 from transformers import AutoTokenizer
 
 from nanorlhf.data import (IGNORE, encode_dialogue, encode_prompt, pack_documents, prompt_messages,
@@ -300,7 +303,7 @@ BAD_FILES = {  # name: (file name, bytes, expected message with {p} for the path
                              "{p}:1: field 'messages[1] content' must be a string, got list"),
     "missing turn content": ("a.jsonl",
                              b'\n{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt"}]}',
-                             "{p}:2: missing field 'conversations[2] content'"),
+                             "{p}:2: missing field 'conversations[2] value'"),
     "instruction not a string": ("a.jsonl", b'{"instruction": 5, "output": "x"}',
                                  "{p}:1: field 'instruction' must be a string, got int"),
     "history not pairs": ("a.jsonl", b'{"instruction": "q", "output": "a", "history": [["only one"]]}',
@@ -312,6 +315,16 @@ BAD_FILES = {  # name: (file name, bytes, expected message with {p} for the path
                                   "{p}:1: a dialogue must start with a user turn"),
     "unknown extension": ("a.csv", b"text\nhello\n",
                           "{p}: unknown extension '.csv' (expected .txt, .json or .jsonl)"),
+    "lone surrogate escape": ("a.jsonl", b'{"prompt": "ok \\ud83d\\ude37"}\n{"prompt": "\\ud83d"}\n',
+                              "{p}:2: malformed JSON: a \\u escape of half a surrogate pair (\\ud800-\\udfff) "
+                              "without the other half is not a character"),
+    "lone surrogate in a JSON string field": (
+        "a.jsonl", b'{"prompt": "q", "tools": "[{\\"name\\": \\"\\\\udc00\\"}]"}\n',
+        "{p}:1: field 'tools' is not valid JSON: a \\u escape of half a surrogate pair (\\ud800-\\udfff) "
+        "without the other half is not a character"),
+    "nested too deeply": ("a.jsonl", b"[" * 100000 + b"]" * 100000, "{p}:1: malformed JSON: nested too deeply"),
+    "number too long": ("a.json", b'[{"prompt": "q", "id": 1' + b"0" * 5000 + b"}]",
+                        "{p}: malformed JSON: a number too long to read"),
 }
 
 
@@ -342,6 +355,181 @@ def test_error_in_the_second_file_names_the_second_file(tmp_path):
     with pytest.raises(UserError) as e:
         read_records(f"{good},{bad}")
     assert str(e.value).startswith(f"{bad}:2: malformed JSON")
+
+
+def test_a_surrogate_pair_escape_is_one_character(tmp_path):
+    path = write(tmp_path / "a.jsonl", '{"text": "\\ud83d\\ude37 mask"}\n')
+    assert read_records(path) == [(f"{path}:1", {"text": "😷 mask"})]
+
+
+# ---------------------------------------------------------------- every field of a record has its type checked
+
+ASK, ANSWER = {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}
+CALL = {"type": "function", "function": {"name": "f", "arguments": {}}}
+WRONG_FIELDS = {  # name: (record, message after "f.jsonl:3: ")
+    "role a list": ({"messages": [{"role": ["user"], "content": "q"}]},
+                    "field 'messages[1] role' must be a string, got list"),
+    "role an object": ({"messages": [{"role": {"name": "user"}, "content": "q"}]},
+                       "field 'messages[1] role' must be a string, got dict"),
+    "from a list": ({"conversations": [{"from": ["human"], "value": "q"}, ANSWER]},
+                    "field 'conversations[1] from' must be a string, got list"),
+    "from an object": ({"conversations": [ASK, {"from": {"gpt": 1}, "value": "a"}]},
+                       "field 'conversations[2] from' must be a string, got dict"),
+    "role missing": ({"messages": [{"content": "q"}]}, "missing field 'messages[1] role'"),
+    "value a number": ({"conversations": [ASK, {"from": "gpt", "value": 5}]},
+                       "field 'conversations[2] value' must be a string, got int"),
+    "system a list": ({"system": ["S"], "conversations": [ASK, ANSWER]}, "field 'system' must be a string, got list"),
+    "system false": ({"system": False, "conversations": [ASK, ANSWER]}, "field 'system' must be a string, got bool"),
+    "instruction a list": ({"instruction": ["q"], "output": "a"}, "field 'instruction' must be a string, got list"),
+    "input zero": ({"instruction": "q", "input": 0, "output": "a"}, "field 'input' must be a string, got int"),
+    "output an object": ({"instruction": "q", "output": {"text": "a"}}, "field 'output' must be a string, got dict"),
+    "history an object": ({"instruction": "q", "output": "a", "history": {"q": "a"}},
+                          "field 'history' must be a list of [question, answer] pairs, got dict"),
+    "history empty string": ({"instruction": "q", "output": "a", "history": ""},
+                             "field 'history' must be a list of [question, answer] pairs, got str"),
+    "history answer a number": ({"instruction": "q", "output": "a", "history": [["q0", 1]]},
+                                "field 'history[1]' must be a string, got int"),
+    "question a number": ({"question": 7}, "field 'question' must be a string, got int"),
+    "prompt an object": ({"prompt": {"role": "user", "content": "q"}}, "field 'prompt' must be a string, got dict"),
+    "response a list": ({"prompt": "q", "response": ["a"]}, "field 'response' must be a string, got list"),
+    "tools a number": ({"conversations": [ASK, ANSWER], "tools": 5},
+                       'tools[1] must be a function description {"name": ..., ...}'),
+    "tool without a name": ({"conversations": [ASK, ANSWER], "tools": '[{"description": "d"}]'},
+                            'tools[1] must be a function description {"name": ..., ...}'),
+    "tool call arguments a list": ({"conversations": [ASK, {"from": "function_call",
+                                                            "value": '{"name": "f", "arguments": [1]}'}]},
+                                   "field 'conversations[2] arguments' must be an object, got list"),
+    "no tool call": ({"conversations": [ASK, {"from": "function_call", "value": "[]"}]},
+                     "conversations[2] is an empty list of tool calls"),
+    "content of a tool call a number": ({"messages": [{"role": "user", "content": "q"},
+                                                      {"role": "assistant", "content": 5, "tool_calls": [CALL]}]},
+                                        "field 'messages[2] content' must be a string, got int"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_FIELDS))
+def test_a_field_of_the_wrong_type_is_one_line_naming_it(case):
+    rec, message = WRONG_FIELDS[case]
+    with pytest.raises(UserError) as e:
+        to_messages(rec, "f.jsonl:3")
+    assert str(e.value) == f"f.jsonl:3: {message}"
+
+
+def test_a_field_name_with_a_line_break_is_shown_escaped_on_one_line():
+    with pytest.raises(UserError) as e:
+        to_messages({"query\n2": "q", "a": 1}, "f.jsonl:3")
+    assert str(e.value) == ("f.jsonl:3: record of no known format (fields: a, query\\n2; "
+                            "expected messages, conversations, instruction/output or prompt)")
+
+
+def test_absent_and_null_optional_fields_are_empty():
+    rec = {"instruction": "q", "input": None, "output": "a", "system": None, "history": None, "tools": None}
+    assert to_messages(rec, "w") == [user("q"), assistant("a")]
+    empty = {**rec, "input": "", "system": "", "history": [], "tools": ""}
+    assert to_messages(empty, "w") == [user("q"), assistant("a")]
+
+
+def test_a_tool_call_may_have_no_content():
+    rec = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [CALL]}]}
+    assert to_messages(rec, "w")[1] == {"role": "assistant", "content": '{"name": "f", "arguments": {}}',
+                                        "tool_calls": [CALL]}
+
+
+@pytest.mark.parametrize("rec,message", [
+    ({"prompt": "q", "chosen": [{"role": ["assistant"], "content": "a"}], "rejected": "b"},
+     "field 'chosen[1] role' must be a string, got list"),
+    ({"prompt": "q", "chosen": "a", "rejected": {"from": {"x": 1}, "value": "b"}},
+     "field 'rejected[1] from' must be a string, got dict"),
+    ({"question": "q", "response_chosen": ["a"], "response_rejected": "b"},
+     "response_chosen[1] must be an object, got str"),
+    ({"question": "q", "response_chosen": "a", "response_rejected": 0},
+     "field 'response_rejected' must be a string, got int"),
+    ({"question": ["q"], "response_chosen": "a", "response_rejected": "b"}, "question[1] must be an object, got str"),
+    ({"conversations": [{"from": ["human"], "value": "q"}], "chosen": "a", "rejected": "b"},
+     "field 'conversations[1] from' must be a string, got list"),
+], ids=["chosen turn role a list", "rejected turn from an object", "response_chosen a list of strings",
+        "response_rejected a number", "question a list of strings", "conversations turn from a list"])
+def test_a_preference_field_of_the_wrong_type_is_one_line_naming_it(rec, message):
+    with pytest.raises(UserError) as e:
+        to_pair(rec, "f.jsonl:3")
+    assert str(e.value) == f"f.jsonl:3: {message}"
+
+
+# ---------------------------------------------------------------- --data DIR
+
+def test_a_directory_is_every_data_file_under_it_in_sorted_order(tmp_path):
+    folder = tmp_path / "data"
+    (folder / "sub").mkdir(parents=True)
+    (folder / ".cache").mkdir()
+    b = write(folder / "b.jsonl", '{"text": "b1"}\n\n{"text": "b3"}\n')
+    a = write(folder / "a.txt", "a1\n")
+    c = write(folder / "c.json", '[{"text": "c1"}]')
+    d = write(folder / "sub" / "d.JSONL", '{"text": "d1"}\n')
+    for ignored in ("README.md", "notes.csv", ".hidden.jsonl", "dataset_info.json", ".cache/x.jsonl"):
+        write(folder / ignored, "not data {")
+    expected = [(f"{a}:1", {"text": "a1"}), (f"{b}:1", {"text": "b1"}), (f"{b}:3", {"text": "b3"}),
+                (f"{c}: record 1", {"text": "c1"}), (f"{d}:1", {"text": "d1"})]
+    assert read_records(str(folder)) == expected
+    assert read_records(str(folder) + "/") == expected
+
+
+def test_directories_and_files_mix_in_a_comma_list(tmp_path):
+    (tmp_path / "dir").mkdir()
+    first = write(tmp_path / "first.jsonl", '{"text": "1"}\n')
+    inside = write(tmp_path / "dir" / "a.txt", "2\n")
+    expected = [(f"{first}:1", {"text": "1"}), (f"{inside}:1", {"text": "2"})]
+    assert read_records(f"{first},{tmp_path / 'dir'}") == expected
+
+
+def test_a_bad_record_in_a_directory_names_its_own_file_and_line(tmp_path):
+    write(tmp_path / "a.jsonl", '{"prompt": "ok"}\n')
+    bad = write(tmp_path / "b.jsonl", '{"prompt": "ok"}\n{"prompt": \n')
+    with pytest.raises(UserError) as e:
+        read_records(str(tmp_path))
+    assert str(e.value) == f"{bad}:2: malformed JSON: Expecting value (column 12)"
+
+
+@pytest.mark.parametrize("files", [[], ["README.md", "train.csv", ".hidden.jsonl"]], ids=["empty", "no data file"])
+def test_a_directory_with_no_data_file_is_one_line(tmp_path, files):
+    for name in files:
+        write(tmp_path / name, "x")
+    with pytest.raises(UserError) as e:
+        read_records(str(tmp_path))
+    assert str(e.value) == f"{tmp_path}: a directory with no .txt, .json or .jsonl file"
+
+
+def stage_readers(tokenizer):
+    """Each stage's own reader of --data (the train_*.py function, its module run without main())."""
+    sft, rm, dpo, ppo = (runpy.run_path(os.path.join(ROOT, f"train_{stage}.py"), run_name="readers")
+                         for stage in ("sft", "rm", "dpo", "ppo"))
+    return {"sft": lambda p: sft["load_dialogues"](tokenizer, p, 512),
+            "rm": lambda p: rm["load_pairs"](tokenizer, p, 512),
+            "dpo": lambda p: dpo["load_pairs"](tokenizer, p, 512),
+            "ppo": lambda p: ppo["load_prompts"](tokenizer, p, 512)}
+
+
+def test_every_stage_reads_a_directory_as_its_files(tmp_path, tok):
+    demo = {"sft": ("sft.jsonl", "sft_alpaca.jsonl"), "rm": ("rm.jsonl", "rm_test.jsonl"),
+            "dpo": ("rm.jsonl", "rm_test.jsonl"), "ppo": ("ppo.jsonl", "test.jsonl")}
+    for stage, read in stage_readers(tok).items():
+        folder = tmp_path / stage
+        folder.mkdir()
+        demo_subset(folder, {name: 3 for name in demo[stage]})
+        files = ",".join(str(folder / name) for name in demo[stage])
+        assert len(read(str(folder))) == len(read(files)) == 6, stage
+
+
+@pytest.mark.slow
+def test_train_sft_takes_directories_for_data_and_eval_data(tmp_path, tiny_model_dir):
+    train, held_out = tmp_path / "train", tmp_path / "held_out"
+    for folder in (train, held_out):
+        folder.mkdir()
+    demo_subset(train, {"sft.jsonl": 4, "sft_alpaca.jsonl": 3})
+    demo_subset(held_out, {"sft.jsonl": 2})
+    proc = run_script("train_sft.py", "--model", tiny_model_dir, "--data", train, "--eval_data", held_out,
+                      "--output_dir", tmp_path / "out", "--max_steps", 1, "--eval_steps", 1)
+    assert "7 dialogues" in proc.stderr
+    assert "eval/loss" in read_metrics(tmp_path / "out")[-1]
 
 
 # ---------------------------------------------------------------- preference pairs (RM)
