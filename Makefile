@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEMO ?= runs/demo
 
-.PHONY: install install-dev demo ablate compare rewards test test-fast bench lint data clean
+.PHONY: install install-dev demo ablate compare overopt rewards test test-fast bench lint data clean
 
 # torch is installed only when missing, so a CUDA build you already have is kept.
 # (torch==2.13.0 is the CPU wheel this project is developed and tested with.)
@@ -35,6 +35,15 @@ compare: install
 	    --dpo_args "--max_steps 60 --per_device_train_batch_size 16 --learning_rate 5e-4 --lora_rank 32 --lora_alpha 64 --val_size 0 --logging_steps 10" \
 	    -- --num_updates 20 --batch_size 16 --learning_rate 3e-4 --logging_steps 1 --response_length 96 \
 	    --missing_eos_penalty 5
+
+# Over-optimisation (Gao et al. 2022): PPO on the RM for 60 iterations at three --kl_coef, 2 seeds, every 10th
+# checkpoint judged by the RM and by the gold rubric against its KL to SFT: overoptimization.png (make demo first).
+overopt: install
+	OMP_NUM_THREADS=1 $(PYTHON) -m nanorlhf.ablate --sft $(DEMO)/sft-merged --rm $(DEMO)/rm-merged \
+	    --data data/demo/ppo.jsonl --eval_data data/demo/test.jsonl --output_dir runs/overopt --seeds 1,2 \
+	    --variants no_kl,baseline,kl_0.2 --eval_checkpoints --jobs 2 \
+	    -- --num_updates 60 --batch_size 16 --learning_rate 3e-4 --logging_steps 1 --response_length 96 \
+	    --missing_eos_penalty 5 --save_steps 10 --save_total_limit 0
 
 # Rewards a program computes: GRPO on a rule reward, and PPO/GRPO on the gold rubric beside the RM (make demo first).
 rewards: install

@@ -10,9 +10,16 @@ Each run trains into output_dir/VARIANT/seed-S (log: train.log), is evaluated gr
 nanorlhf.evaluate against the SFT model (eval/), and then writes result.json, last and atomically:
 a run that has it is reused, so an interrupted grid picks up where it stopped. At the end:
 results.md and results.json (mean ± sd over seeds) and curves.png (learning curves, seed mean).
+
+--jobs N runs N cells at once (each its own processes; give each one thread: OMP_NUM_THREADS=1).
+--eval_checkpoints also evaluates every checkpoint a run saved (train with --save_steps K
+--save_total_limit 0) and the SFT model as step 0, and draws overoptimization.png: RM score and gold
+score against KL to SFT along each run, the picture of Gao et al. 2022 ("Scaling laws for reward model
+overoptimization"): where chasing the RM stops helping the gold score.
 """
 
-import argparse
+import concurrent.futures
+import glob
 import json
 import os
 import statistics
@@ -22,6 +29,7 @@ import sys
 import time
 
 from nanorlhf import plots
+from nanorlhf.args import ArgumentParser
 from nanorlhf.errors import Interrupted, UserError, run_main
 from nanorlhf.evaluate import MAX_NEW_TOKENS
 from nanorlhf.files import atomic_write_text
@@ -36,6 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
     "baseline": [],
     "no_kl": ["--kl_coef", "0"],
+    "kl_0.2": ["--kl_coef", "0.2"],  # four times the default: the leash of the over-optimisation picture
     "k3": ["--kl_estimator", "k3"],
     "no_whiten_adv": ["--no-whiten_advantages"],
     "no_value_clip": ["--cliprange_value", "0"],
@@ -59,6 +68,8 @@ DPO_VARIANTS = {
 # (of the train_ppo.py process, startup included; a resumed run counts only the part after resuming).
 COLUMNS = ["rm_score", "gold", "ended", "no_repeat", "kl_to_sft", "response_length", "distinct_2", "wall_s"]
 CURVES = ["objective/scores", "objective/kl"]
+# What --eval_checkpoints records of each checkpoint, and what overoptimization.png draws against kl_to_sft.
+TRAJECTORY = ["kl_to_sft", "rm_score", "gold", "ended", "response_length"]
 
 
 def write_json(path, value):
@@ -109,17 +120,34 @@ def train_and_evaluate(args, extra, variant, seed, run_dir):
     if rc == 3:
         result["diverged"] = last
     else:
-        evaluate = [sys.executable, "-m", "nanorlhf.evaluate", f"{variant}={run_dir}", "--ref", args.sft,
+        # the final policy, and with --eval_checkpoints the SFT model (step 0) and every checkpoint before it
+        models = [f"{variant}={run_dir}"]
+        if args.eval_checkpoints:
+            models = ["step-0=" + args.sft] + [f"step-{step}={path}" for step, path in checkpoints(run_dir)] + models
+        evaluate = [sys.executable, "-m", "nanorlhf.evaluate", *models, "--ref", args.sft,
                     "--rm", args.rm, "--data", args.eval_data, "--world", args.world,
                     "--output_dir", os.path.join(run_dir, "eval"),
                     "--max_new_tokens", str(args.eval_max_new_tokens), "--seed", str(seed)]
         run_logged(evaluate, os.path.join(run_dir, "eval.log"), f"{variant} seed {seed}: evaluate")
         with open(os.path.join(run_dir, "eval", "results.json"), encoding="utf-8") as f:
-            evaluated = json.load(f)[0]
-        evaluated["kl_to_sft"] = evaluated.pop("kl_to_ref")
-        result.update({k: v for k, v in evaluated.items() if k not in ("model", "n")})
+            evaluated = json.load(f)
+        for row in evaluated:
+            row["kl_to_sft"] = row.pop("kl_to_ref")
+        result.update({k: v for k, v in evaluated[-1].items() if k not in ("model", "n")})
+        if args.eval_checkpoints:
+            last_step = plots.read_metrics(run_dir)[-1]["step"]
+            result["checkpoints"] = [{"step": int(row["model"][len("step-"):]) if row["model"].startswith("step-")
+                                      else last_step, **{k: row[k] for k in TRAJECTORY if k in row}}
+                                     for row in evaluated]
     write_json(os.path.join(run_dir, "result.json"), result)  # the marker: written last
     return result
+
+
+def checkpoints(run_dir):
+    """[(step, path)] of the checkpoint-STEP dirs a run kept, oldest first."""
+    found = [(int(p.rsplit("-", 1)[1]), p) for p in glob.glob(os.path.join(run_dir, "checkpoint-*"))
+             if p.rsplit("-", 1)[1].isdigit()]
+    return sorted(found)
 
 
 def budget(run_dir, variant):
@@ -165,7 +193,7 @@ def mean_curve(runs_rows):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = ArgumentParser(description=__doc__.splitlines()[0],
                                      epilog="variants: " + ", ".join(VARIANTS))
     parser.add_argument("--sft", required=True, help="the SFT policy (a merged model dir)")
     parser.add_argument("--rm", required=True, help="the reward model (a merged RM dir)")
@@ -176,10 +204,14 @@ def build_parser():
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names")
     parser.add_argument("--world", default=os.path.join(ROOT, "data", "demo", "world.json"),
                         help="the demo world, for the gold rubric")
-    parser.add_argument("--eval_max_new_tokens", type=int, default=MAX_NEW_TOKENS,
+    parser.add_argument("--eval_max_new_tokens", type=int, default=MAX_NEW_TOKENS, range=">0",
                         help="room to end in evaluation (evaluate.py's default)")
     parser.add_argument("--pairs", default="data/demo/rm.jsonl", help="preference pairs (the DPO family)")
     parser.add_argument("--dpo_args", default="", help="flags for every train_dpo.py run, as one string")
+    parser.add_argument("--jobs", type=int, default=1, range=">0",
+                        help="cells run at once (each with its own processes)")
+    parser.add_argument("--eval_checkpoints", action="store_true",
+                        help="also evaluate the SFT model and each run's checkpoints: overoptimization.png")
     return parser
 
 
@@ -198,35 +230,50 @@ def main():
     check_model_dir(args.sft, "--sft")
     check_model_dir(args.rm, "--rm")
     for path in args.data.split(",") + args.eval_data.split(","):
-        if not os.path.isfile(path):
+        if not os.path.exists(path):  # a file, or a directory of them
             raise UserError(f"{path}: no such file (--data / --eval_data)")
     if not os.path.isfile(os.path.join(ROOT, "train_ppo.py")):
         raise UserError(f"{ROOT}: no train_ppo.py; run the ablation from a nanorlhf checkout")
     args.sft, args.rm = os.path.abspath(args.sft), os.path.abspath(args.rm)
     os.makedirs(args.output_dir, exist_ok=True)
 
-    results = {v: [] for v in variants}
     cells = [(v, s) for v in variants for s in seeds]
+    done, todo = {}, []
     for i, (variant, seed) in enumerate(cells, 1):
         run_dir = os.path.join(args.output_dir, variant, f"seed-{seed}")
         marker = os.path.join(run_dir, "result.json")
-        if os.path.isfile(marker):
-            with open(marker, encoding="utf-8") as f:
-                results[variant].append(json.load(f))
-            if results[variant][-1]["flags"] != variant_flags(args, extra, variant):
-                raise UserError(f"{run_dir}: ran with other flags ({' '.join(results[variant][-1]['flags'])}); "
-                                "choose another --output_dir")
-            info(f"[{i}/{len(cells)}] {variant} seed {seed}: reused (finished before)")
+        if not os.path.isfile(marker):
+            todo.append((variant, seed, run_dir))
             continue
-        info(f"[{i}/{len(cells)}] {variant} seed {seed}: training ...")
+        with open(marker, encoding="utf-8") as f:
+            done[variant, seed] = json.load(f)
+        if done[variant, seed]["flags"] != variant_flags(args, extra, variant):
+            raise UserError(f"{run_dir}: ran with other flags ({' '.join(done[variant, seed]['flags'])}); "
+                            "choose another --output_dir")
+        if args.eval_checkpoints and not ({"checkpoints", "diverged"} & set(done[variant, seed])):
+            raise UserError(f"{run_dir}: evaluated without --eval_checkpoints; choose another --output_dir")
+        info(f"[{i}/{len(cells)}] {variant} seed {seed}: reused (finished before)")
+
+    def cell(variant, seed, run_dir):
+        info(f"{variant} seed {seed}: training ...")
+        return train_and_evaluate(args, extra, variant, seed, run_dir)
+
+    # --jobs cells at once, each in its own processes (threads here only wait for them)
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        running = {pool.submit(cell, *job): job[:2] for job in todo}
         try:
-            result = train_and_evaluate(args, extra, variant, seed, run_dir)
-        except KeyboardInterrupt:
-            raise Interrupted(f"{variant} seed {seed} stopped; run the same command again to continue") from None
-        results[variant].append(result)
-        outcome = (f"diverged: {result['diverged']}" if "diverged" in result
-                   else f"rm_score {result['rm_score']:.3f}, {result['wall_s']:.0f} s")
-        info(f"[{i}/{len(cells)}] {variant} seed {seed}: {outcome}")
+            for future in concurrent.futures.as_completed(running):
+                result = done[running[future]] = future.result()
+                outcome = (f"diverged: {result['diverged']}" if "diverged" in result
+                           else f"rm_score {result['rm_score']:.3f}, {result['wall_s']:.0f} s")
+                info(f"[{len(done)}/{len(cells)}] {result['variant']} seed {result['seed']}: {outcome}")
+        except KeyboardInterrupt:  # the children got Ctrl-C too: they save a checkpoint and stop
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise Interrupted("stopped; run the same command again to continue") from None
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # let the cells already running finish
+            raise
+    results = {v: [done[v, s] for s in seeds] for v in variants}
 
     rows = [summarize(v, results[v]) for v in variants]
     table = markdown_table(rows)
@@ -244,6 +291,12 @@ def main():
     plots.scatter({v: [(r["kl_to_sft"], r["gold"]) for r in results[v] if "gold" in r] for v in variants},
                   os.path.join(args.output_dir, "gold_vs_kl.png"), "KL to SFT (nats per answer)",
                   "gold rubric (held-out, greedy)", title="each point: one seed", xscale="symlog")
+    if args.eval_checkpoints:
+        plots.trajectories({v: [r["checkpoints"] for r in results[v] if "checkpoints" in r] for v in variants},
+                           os.path.join(args.output_dir, "overoptimization.png"), "kl_to_sft",
+                           {"rm_score": "reward model score (the proxy)", "gold": "gold rubric (the judge)"},
+                           xlabel="KL to SFT (nats per answer, held-out, greedy)",
+                           title="each line: one run, a point per checkpoint (step 0 = SFT)")
     print(table)
 
 

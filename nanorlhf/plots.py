@@ -97,6 +97,40 @@ def scatter(points, path, xlabel, ylabel, title="", xscale="linear"):
     return path
 
 
+def trajectories(runs, path, xkey, panels, xlabel="", title=""):
+    """One panel per y key (panels: {key: axis label}), each run a line through its points in order, one
+    colour per label: runs is {label: [[row, ...] per run]}, rows holding xkey and the panel keys. Writes
+    path (atomically) and returns it; None without matplotlib or points."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not any(rows for lines in runs.values() for rows in lines):
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, label) in zip(axes.flat, panels.items()):
+        for i, (name, lines) in enumerate(runs.items()):
+            for j, rows in enumerate(lines):
+                points = [(r[xkey], r[key]) for r in rows if key in r]
+                if points:
+                    ax.plot(*zip(*points), marker="o", markersize=3, color=colours[i % len(colours)],
+                            alpha=0.8, label=name if j == 0 else None)
+        ax.set_xlabel(xlabel or xkey)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5),
+               fontsize="small")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight"))
+    plt.close(fig)
+    return path
+
+
 def plot_run(run_dir):
     """output_dir/curves.png from output_dir/metrics.jsonl (None without matplotlib or metrics)."""
     if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):

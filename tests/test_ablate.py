@@ -68,20 +68,29 @@ def test_grid_writes_the_table_and_reuses_finished_runs(tiny_model_dir, rm_dir, 
     argv = ["--sft", tiny_model_dir, "--rm", rm_dir, "--data", f"{DEMO}/ppo.jsonl", "--eval_data", f"{DEMO}/test.jsonl",
             "--output_dir", out, "--seeds", 1, "--variants", "baseline,grpo,dpo", "--eval_max_new_tokens", 4,
             "--pairs", f"{DEMO}/rm_test.jsonl",
-            "--dpo_args", "--max_steps 2 --per_device_train_batch_size 2 --val_size 0", "--", *TINY]
+            "--dpo_args", "--max_steps 2 --per_device_train_batch_size 2 --val_size 0", "--jobs", 2,
+            "--eval_checkpoints", "--", *TINY, "--num_updates", 2, "--save_steps", 1, "--save_total_limit", 0]
     ablate(monkeypatch, *argv)
     table = (out / "results.md").read_text(encoding="utf-8").splitlines()
     variants = [line.split("|")[1].strip() for line in table if line.startswith("| ")][1:]
     assert variants == ["baseline", "grpo", "dpo"]
-    assert table[4].endswith("| 1 | 4 responses |") and table[6].endswith("| 1 | 4 pairs |")  # budgets stated
+    assert table[4].endswith("| 1 | 8 responses |") and table[6].endswith("| 1 | 4 pairs |")  # budgets stated
     summary = json.loads((out / "results.json").read_text())["summary"]
     for row in summary:
         assert {"rm_score", "gold", "kl_to_sft", "response_length", "wall_s"} <= set(row)
     grpo = json.loads((out / "grpo" / "seed-1" / "result.json").read_text())
     assert grpo["flags"][-4:] == ["--advantage_estimator", "grpo", "--num_samples_per_prompt", "4"]
     assert (out / "grpo" / "seed-1" / "adapter_model.safetensors").exists()
+    # --eval_checkpoints: the SFT model (step 0), checkpoint-1, and the final policy, which is the run's result
+    points = grpo["checkpoints"]
+    assert [p["step"] for p in points] == [0, 1, 2] and points[0]["kl_to_sft"] == 0
+    final = ("gold", "rm_score", "kl_to_sft")
+    assert {k: points[-1][k] for k in final} == {k: grpo[k] for k in final}
+    dpo = json.loads((out / "dpo" / "seed-1" / "result.json").read_text())
+    assert [p["step"] for p in dpo["checkpoints"]] == [0, 2]  # no checkpoints saved: SFT and the final model
     if importlib.util.find_spec("matplotlib"):  # the grid's curves, and each run's own
         assert (out / "curves.png").exists() and (out / "grpo" / "seed-1" / "curves.png").exists()
+        assert (out / "overoptimization.png").exists()
     markers = {v: (out / v / "seed-1" / "result.json").stat().st_mtime_ns for v in ("baseline", "grpo", "dpo")}
     logs = {v: (out / v / "seed-1" / "train.log").stat().st_mtime_ns for v in ("baseline", "grpo", "dpo")}
 
