@@ -23,7 +23,7 @@ demo: install
 ablate: install
 	OMP_NUM_THREADS=1 $(PYTHON) -m nanorlhf.ablate --sft $(DEMO)/sft-merged --rm $(DEMO)/rm-merged \
 	    --data data/demo/ppo.jsonl --eval_data data/demo/test.jsonl --output_dir runs/ablate --seeds 1,2,3 \
-	    --variants baseline,no_kl,k3,no_whiten_adv,no_value_clip,lambda_1,reinforce,rloo,grpo \
+	    --variants baseline,no_kl,k3,no_whiten_adv,no_value_clip,lambda_1,reinforce,rloo,grpo --jobs 2 \
 	    -- --num_updates 10 --batch_size 16 --learning_rate 3e-4 --logging_steps 1 --response_length 96 \
 	    --missing_eos_penalty 5
 
@@ -31,7 +31,7 @@ ablate: install
 compare: install
 	OMP_NUM_THREADS=1 $(PYTHON) -m nanorlhf.ablate --sft $(DEMO)/sft-merged --rm $(DEMO)/rm-merged \
 	    --data data/demo/ppo.jsonl --eval_data data/demo/test.jsonl --output_dir runs/compare --seeds 1,2,3 \
-	    --variants baseline,grpo,rloo,ppo_gold,dpo,simpo --pairs data/demo/rm.jsonl \
+	    --variants baseline,grpo,rloo,ppo_gold,dpo,simpo --pairs data/demo/rm.jsonl --jobs 2 \
 	    --dpo_args "--max_steps 60 --per_device_train_batch_size 16 --learning_rate 5e-4 --lora_rank 32 --lora_alpha 64 --val_size 0 --logging_steps 10" \
 	    -- --num_updates 20 --batch_size 16 --learning_rate 3e-4 --logging_steps 1 --response_length 96 \
 	    --missing_eos_penalty 5
