@@ -10,11 +10,12 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import demo_subset, read_metrics
+from conftest import ROOT, demo_subset, read_metrics
 from launcher import wait_for
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -205,32 +206,31 @@ def test_resume_skips_damaged_checkpoints_and_continues_bit_identical_from_the_n
                                                       "checkpoint-6 (adapter_model.safetensors has 10 bytes, ")
 
 
+# python -c FULL_DISK script args: the script as __main__, with a torch.save that finds the disk full at checkpoint-4
+FULL_DISK = """
+import errno, runpy, sys, torch
+save = torch.save
+def full_disk(obj, path, *args, **kwargs):
+    if "checkpoint-4" in str(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    return save(obj, path, *args, **kwargs)
+torch.save = full_disk
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def test_a_full_disk_while_checkpointing_stops_with_exit_4_and_resume_continues(launcher, unbroken, tiny_model_dir,
                                                                                 rm_dir, data, tmp_path):
-    """The script runs in a fork whose torch.save refuses checkpoint-4's trainer state with ENOSPC."""
-    import errno
-
-    import torch
-    from conftest import run_as_main
-
-    out, stderr_path = tmp_path / "sft", tmp_path / "stderr"
+    """The script runs in a process whose torch.save refuses checkpoint-4's trainer state with ENOSPC (a fresh
+    interpreter: a fork of this one, which has run torch's thread pool, can hang)."""
+    out = tmp_path / "sft"
     cmd = [*stage_args("sft", tiny_model_dir, rm_dir, data), "--output_dir", out, "--save_steps", 2]
-    pid = os.fork()
-    if pid == 0:
-        save = torch.save
-
-        def full_disk(obj, path, *args, **kwargs):
-            if "checkpoint-4" in str(path):
-                raise OSError(errno.ENOSPC, "No space left on device", str(path))
-            return save(obj, path, *args, **kwargs)
-
-        torch.save = full_disk
-        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__  # fds 1 and 2, not pytest's capture
-        os.environ.update(TQDM_DISABLE="1", OMP_NUM_THREADS="1")
-        run_as_main(cmd[0], [str(a) for a in cmd[1:]], str(stderr_path))
-    _, status = os.waitpid(pid, 0)
-    stderr = stderr_path.read_text(encoding="utf-8")
-    assert os.waitstatus_to_exitcode(status) == 4 and "Traceback" not in stderr
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK, os.path.join(ROOT, cmd[0]), *map(str, cmd[1:])],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TQDM_DISABLE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"})
+    status, stderr = proc.returncode, proc.stderr
+    assert status == 4 and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == (
         f"error: {out / 'checkpoint-4'}: could not save it (No space left on device); the partial copy was removed, "
         "earlier checkpoints are untouched")
