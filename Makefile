@@ -3,17 +3,20 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEMO ?= runs/demo
 
-.PHONY: install install-dev demo ablate compare overopt rewards test test-fast bench lint data clean
+.PHONY: install install-dev test-newest demo ablate compare overopt rewards test test-fast bench lint data clean
 
 # torch is installed only when missing, so a CUDA build you already have is kept.
 # (torch==2.13.0 is the CPU wheel this project is developed and tested with.)
+# constraints.txt pins the other packages to the set the suite and the demo were run with;
+# `make test CONSTRAINTS=` installs without it, `make test-newest` tests the newest the ranges allow.
+CONSTRAINTS ?= -c constraints.txt
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e .
+	$(PIP) install -q $(CONSTRAINTS) -e .
 
 install-dev:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q $(CONSTRAINTS) -e ".[dev]"
 
 # The whole pipeline on the built-in tiny model and medical dataset, on whatever device you have.
 demo: install
@@ -51,6 +54,15 @@ rewards: install
 
 test: install-dev
 	$(PYTHON) -m pytest -q tests
+
+# The suite on the newest versions pyproject's ranges allow (torch aside: 2.13.0, the CPU wheel), in a
+# virtualenv of its own (.venv-newest), so the tested set in constraints.txt can be moved forward.
+test-newest:
+	$(PYTHON) -m venv .venv-newest
+	.venv-newest/bin/python -m pip install -q torch==2.13.0
+	.venv-newest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	.venv-newest/bin/python -m pip freeze | grep -iE '^(transformers|tokenizers|peft|safetensors|numpy|huggingface)'
+	.venv-newest/bin/python -m pytest -q tests
 
 # Everything but the slow end-to-end runs of the real scripts.
 test-fast: install-dev
