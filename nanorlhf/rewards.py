@@ -22,6 +22,7 @@ import math
 import os
 import re
 import unicodedata
+from decimal import Decimal
 
 from nanorlhf.errors import UserError
 
@@ -42,17 +43,56 @@ def extract_answer(response):
     return match.group(1) if match else response
 
 
-def accuracy(prompt, response, answer=None, **fields):
-    """1.0 if the reference `answer` (normalised) appears in the response's answer (normalised), else 0.0.
+# A number as people write it: digits with optional thousands commas and decimals. A minus sign is part of
+# it unless it follows a digit or a closing bracket (then it is a subtraction: "45-23").
+_NUMBER = re.compile(r"(?:(?<![0-9)\]])-)?[0-9]+(?:,[0-9]{3}(?![0-9]))*(?:\.[0-9]+)?")
 
-    For MedicalGPT-style {"question", "answer"} records whose answer is short (a name, a number). The
-    response's answer is the part inside <answer> tags when there is one."""
+
+def numbers(text):
+    """The numbers written in `text`, in order, as Decimals (so 68.0 == 68 exactly). Full-width digits count
+    (NFKC); thousands commas are dropped: "1,068" is 1068, not 1 and 68."""
+    text = unicodedata.normalize("NFKC", str(text)).replace("\u2212", "-")  # the minus sign U+2212
+    return [Decimal(m.replace(",", "")) for m in _NUMBER.findall(text)]
+
+
+def parse_number_answer(text, prompt=None):
+    """The one number an answer commits to, or None when it gives none or several.
+
+    The rule: take what follows the answer's last "=" (the whole text when it has none); numbers the
+    prompt already states are the question restated, not candidates (unless nothing else is left).
+    Exactly one distinct number must remain. So "23 + 45 = 68." gives 68, "The sum of 23 and 45 is 68"
+    gives 68 for the prompt "What is 23 + 45?", and "34 or 35", "1 2 3 ... 100" give None.
+
+    Why not the final number of the answer (TRL's and MedicalGPT's parsers end up there): "34 or 35"
+    would earn the reward whenever the answer is 35, and listing guesses is exactly what a policy learns
+    to do when any one of them pays. One candidate means hedging earns nothing; a number is a whole
+    number, so 34 is never found in "134" (the substring bug this replaces)."""
+    text = unicodedata.normalize("NFKC", str(text))
+    candidates = set(numbers(text.rpartition("=")[2]))
+    if prompt is not None:
+        candidates = (candidates - set(numbers(prompt))) or candidates
+    return candidates.pop() if len(candidates) == 1 else None
+
+
+def accuracy(prompt, response, answer=None, **fields):
+    """1.0 if the response gives the reference `answer`, else 0.0. The response's answer is the part inside
+    <answer> tags when there is one, else the whole response. For MedicalGPT's {"question", "answer"} records.
+
+    A numeric reference ("68", "-3", "2.5") is compared as a number: the response must commit to exactly one
+    number (parse_number_answer), equal to it. A text reference ("ten days", "偏头痛") must appear in the
+    normalised answer as whole words ("flu" is not found in "influenza"; Chinese, written without spaces,
+    is found anywhere). A text match cannot tell a hedge ("flu or cold"); a number can, so prefer numbers."""
     if answer is None:
         raise ValueError("accuracy needs an 'answer' field in every prompt record")
     reference = normalize(answer)
     if not reference:
         raise ValueError("accuracy: the record's 'answer' is empty")
-    return 1.0 if reference in normalize(extract_answer(response)) else 0.0
+    said = extract_answer(response)
+    if _NUMBER.fullmatch(unicodedata.normalize("NFKC", str(answer)).strip().replace("\u2212", "-")):
+        given = parse_number_answer(said, prompt)
+        return 1.0 if given is not None and given == numbers(answer)[0] else 0.0
+    whole_words = r"(?<![a-z0-9])" + re.escape(reference) + r"(?![a-z0-9])"
+    return 1.0 if re.search(whole_words, normalize(said)) else 0.0
 
 
 def format(prompt, response, pattern=THINK_ANSWER, **fields):  # noqa: A001 (the name users know)

@@ -4,7 +4,10 @@ function, and the one line a bad function gets."""
 import pytest
 
 from nanorlhf.errors import UserError
-from nanorlhf.rewards import accuracy, compute_rewards, format, gold, length, load_reward_fns, normalize
+from decimal import Decimal
+
+from nanorlhf.rewards import (accuracy, compute_rewards, format, gold, length, load_reward_fns, normalize, numbers,
+                              parse_number_answer)
 
 
 def test_normalize_by_hand():
@@ -12,16 +15,74 @@ def test_normalize_by_hand():
     assert normalize("ＡＢＣ，偏头痛。") == "abc 偏头痛"  # full-width letters and Chinese punctuation
 
 
-def test_accuracy_by_hand():
+def test_accuracy_of_a_text_answer_by_hand():
     assert accuracy("q", "This sounds like the common cold.", answer="Common cold") == 1.0
     assert accuracy("q", "This sounds like the flu.", answer="common cold") == 0.0
     assert accuracy("q", "听起来像是偏头痛。", answer="偏头痛") == 1.0
+    # whole words: the reference is not found inside another word
+    assert accuracy("q", "It is influenza.", answer="flu") == 0.0
+    assert accuracy("q", "It is the flu.", answer="flu") == 1.0
     # with <answer> tags only the answer counts, not the reasoning before it
     assert accuracy("q", "<think>not the common cold</think><answer>flu</answer>", answer="common cold") == 0.0
     assert accuracy("q", "<think>hmm</think><answer> Flu </answer>", answer="flu") == 1.0
     assert accuracy("q", "", answer="flu") == 0.0  # an empty response
     with pytest.raises(ValueError, match="needs an 'answer' field"):
         accuracy("q", "flu")
+
+
+def test_numbers_are_whole_numbers_as_written():
+    assert numbers("1 2 3 ... 100") == [1, 2, 3, 100]
+    assert numbers("1,068 and 68.0 and 68.") == [1068, Decimal("68.0"), 68]
+    assert numbers("-68, 45-23, (4)-1, x = −3") == [-68, 45, 23, 4, 1, -3]  # a minus after a digit subtracts
+    assert numbers("答案是６８。") == [68]  # full-width digits
+    assert numbers("no numbers here") == []
+
+
+@pytest.mark.parametrize("response, prompt, expected", [
+    ("68", None, 68),
+    ("23 + 45 = 68.", None, 68),  # what follows the last "="
+    ("23 + 45 = 68. So he has 68 apples.", None, 68),  # one distinct number, said twice
+    ("The sum of 23 and 45 is 68", "What is 23 + 45?", 68),  # the prompt's numbers restated
+    ("The sum of 23 and 45 is 68", None, None),  # ... without the prompt: three candidates
+    ("34 or 35", None, None),  # a hedge commits to nothing
+    ("23 + 45 = 68 or 69", None, None),
+    ("1 2 3 ... 100", None, None),
+    ("I don't know", None, None),
+    ("What is 23 + 45?", "What is 23 + 45?", None),  # only the prompt's numbers, two of them
+    ("45", "What is 90 - 45?", 45),  # the answer is also in the prompt: nothing else is left
+])
+def test_parse_number_answer_by_hand(response, prompt, expected):
+    assert parse_number_answer(response, prompt) == expected
+
+
+@pytest.mark.parametrize("response, answer, expected", [
+    ("134", "34", 0.0),  # not a substring: 134 is another number
+    ("1 2 3 ... 100", "34", 0.0),  # listing numbers earns nothing
+    ("34 or 35", "34", 0.0),  # nor does hedging, whichever is right
+    ("34 or 35", "35", 0.0),
+    ("23 + 45 = 68.", "68", 1.0),
+    ("68", "68", 1.0),
+    ("The answer is 68.", "68", 1.0),
+    ("68.0", "68", 1.0),  # compared as numbers
+    ("1,068", "68", 0.0),
+    ("1,068", "1068", 1.0),
+    ("-68", "68", 0.0),
+    ("87 - 29 = 58", "58", 1.0),
+    ("x = -3", "-3", 1.0),
+    ("答案是68。", "68", 1.0),
+    ("答案是６８。", "６８", 1.0),  # full-width in the response and in the reference
+    ("<think>23 + 45 is 68 or 69</think><answer>68</answer>", "68", 1.0),  # only the tagged answer counts
+    ("<think>23 + 45 = 68</think><answer>69</answer>", "68", 0.0),
+])
+def test_accuracy_of_a_numeric_answer_by_hand(response, answer, expected):
+    assert accuracy("What is 23 + 45?", response, answer=answer) == expected
+
+
+def test_accuracy_of_a_numeric_answer_ignores_the_restated_question():
+    prompt = "Tom has 23 apples and buys 45 more. How many apples does he have now?"
+    assert accuracy(prompt, "Tom has 23 + 45 = 68 apples.", answer="68") == 1.0
+    assert accuracy(prompt, "He had 23, bought 45, so he has 68 now.", answer="68") == 1.0
+    assert accuracy(prompt, "He had 23, bought 45, so 68 or 70.", answer="68") == 0.0
 
 
 def test_format_by_hand():
