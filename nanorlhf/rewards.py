@@ -61,7 +61,8 @@ def parse_number_answer(text, prompt=None):
     The rule: take what follows the answer's last "=" (the whole text when it has none); numbers the
     prompt already states are the question restated, not candidates (unless nothing else is left).
     Exactly one distinct number must remain. So "23 + 45 = 68." gives 68, "The sum of 23 and 45 is 68"
-    gives 68 for the prompt "What is 23 + 45?", and "34 or 35", "1 2 3 ... 100" give None.
+    gives 68 for the prompt "What is 23 + 45?", and "34 or 35", "1 2 3 ... 100" give None. (So "6 or 7"
+    gives 6 for "What is 13 - 7?": a number copied from the question is not counted as a guess.)
 
     Why not the final number of the answer (TRL's and MedicalGPT's parsers end up there): "34 or 35"
     would earn the reward whenever the answer is 35, and listing guesses is exactly what a policy learns

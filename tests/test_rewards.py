@@ -50,6 +50,7 @@ def test_numbers_are_whole_numbers_as_written():
     ("I don't know", None, None),
     ("What is 23 + 45?", "What is 23 + 45?", None),  # only the prompt's numbers, two of them
     ("45", "What is 90 - 45?", 45),  # the answer is also in the prompt: nothing else is left
+    ("6 or 7", "What is 13 - 7?", 6),  # the prompt's 7 is the question restated, not a second guess
 ])
 def test_parse_number_answer_by_hand(response, prompt, expected):
     assert parse_number_answer(response, prompt) == expected
