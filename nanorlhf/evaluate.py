@@ -10,6 +10,15 @@ ended (with the end-of-turn token, before --max_new_tokens), the share that repe
 named, unless --ref), and ROUGE-L against the references (character-level for Chinese). Writes
 predictions.jsonl, results.md, results.json and, with matplotlib installed, results.png.
 
+Judges that are programs: --reward_fn SPEC (train_ppo.py's flag: FILE.py:NAME or package.module:NAME,
+comma-separated, with --reward_fn_kwargs) adds a column per function, its mean over the answers:
+
+    python -m nanorlhf.evaluate sft=runs/sft ppo=runs/ppo --data data/real/arith_test.jsonl \\
+        --reward_fn nanorlhf.rewards:accuracy
+
+The gold rubric is the demo world's judge: its column appears only for records that name a demo
+`condition`; other data is judged by the reward model and the reward functions given.
+
 Answers get room to end: --max_new_tokens defaults to 256, several times what a policy is trained
 to write. Cut at the training length, a policy that has learnt never to stop looks as good as one
 that answers and stops (the demo's first PPO model did exactly that).
@@ -31,6 +40,7 @@ from nanorlhf.files import atomic_save
 from nanorlhf.loading import load_model, load_tokenizer
 from nanorlhf.lora import load_adapter, merge_lora
 from nanorlhf.metrics import info
+from nanorlhf.rewards import compute_rewards, load_reward_fns
 from nanorlhf.forward import policy_logits, reward_scores
 from nanorlhf.rubric import gold_score, has_repeat, load_world
 from nanorlhf.sampling import decode_responses, ended_with_eos, generate
@@ -100,6 +110,9 @@ def build_parser():
     parser.add_argument("--rm", default="", help="a reward model dir to score the answers")
     parser.add_argument("--ref", default="", help="reference model for KL (default: the first model)")
     parser.add_argument("--world", default="data/demo/world.json", help="the demo world, for the gold rubric")
+    parser.add_argument("--reward_fn", default="", help="reward function(s) FILE.py:NAME or package.module:NAME, "
+                        "comma-separated: a column each (e.g. nanorlhf.rewards:accuracy)")
+    parser.add_argument("--reward_fn_kwargs", default="", help="JSON object of keyword arguments for them")
     parser.add_argument("--output_dir", default="", help="where predictions and the table go")
     parser.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS, range=">0",
                         help="room to end; an answer still going at this length counts as not ended")
@@ -121,9 +134,13 @@ def main(argv=None):
         if not sep or not name or not path:
             raise UserError(f"model {spec!r}: expected NAME=DIR")
         named.append((name, path))
+    reward_fns = load_reward_fns(args.reward_fn, args.reward_fn_kwargs)
+    columns = reward_fn_columns([spec for spec, _, _ in reward_fns])
     records = read_records(args.data)
     tokenizer, _ = load_policy(named[0][1], torch.device("cpu"), torch.float32, args.trust_remote_code)
-    prompts = [encode_prompt(tokenizer, prompt_messages(rec, where), where) for where, rec in records]
+    messages = [prompt_messages(rec, where) for where, rec in records]
+    prompts = [encode_prompt(tokenizer, m, where) for m, (where, _) in zip(messages, records)]
+    prompt_texts = [m[-1]["content"] for m in messages]  # what train_ppo.py hands a reward function
     world = None
     if any("condition" in rec for _, rec in records) and os.path.isfile(args.world):
         world = load_world(args.world)
@@ -160,11 +177,16 @@ def main(argv=None):
         if scores:
             row["rm_score"] = statistics.mean(scores)
             row["rm_score_sd"] = statistics.stdev(scores) if len(scores) > 1 else 0.0
+        fn_scores = {column: compute_rewards([reward_fn], prompt_texts, answers, [rec for _, rec in records],
+                                             [where for where, _ in records])
+                     for column, reward_fn in zip(columns, reward_fns)}
+        row.update({column: statistics.mean(values) for column, values in fn_scores.items()})
         golds, rouges = [], []
         for j, ((_, rec), answer) in enumerate(zip(records, answers)):
-            pred = {"model": name, "prompt": rec.get("prompt", ""), "response": answer, "ended": ended[j]}
+            pred = {"model": name, "prompt": prompt_texts[j], "response": answer, "ended": ended[j]}
             if scores:
                 pred["rm_score"] = scores[j]
+            pred.update({column: values[j] for column, values in fn_scores.items()})
             if world is not None and rec.get("condition"):
                 pred["gold"] = gold_score(answer, rec["condition"], world, rec.get("lang"))
                 golds.append(pred["gold"]["total"])
@@ -179,16 +201,29 @@ def main(argv=None):
         results.append(row)
         del model
 
-    table = markdown_table(results)
+    table = markdown_table(results, columns)
     print(table)
     if args.output_dir:
-        write_outputs(args.output_dir, results, predictions, table)
+        write_outputs(args.output_dir, results, predictions, table, columns)
 
 
-def markdown_table(results):
+# The names evaluate's own columns take in results.json and predictions.jsonl.
+OWN_COLUMNS = {"model", "n", "prompt", "response", "ended", "no_repeat", "response_length", "distinct_1",
+               "distinct_2", "rm_score", "rm_score_sd", "gold", "rouge_l"}
+
+
+def reward_fn_columns(specs):
+    """A column name for each --reward_fn: its function's NAME ("accuracy"), or the whole spec where the NAME
+    is taken by another function or by one of evaluate's own columns (nanorlhf.rewards:gold vs the rubric)."""
+    names = [spec.rpartition(":")[2] for spec in specs]
+    return [name if names.count(name) == 1 and name not in OWN_COLUMNS and not name.startswith("kl_to_") else spec
+            for name, spec in zip(names, specs)]
+
+
+def markdown_table(results, fn_columns=()):
     kl_column = next(k for k in results[0] if k.startswith("kl_to_"))
-    cols = [c for c in ("model", "rm_score", "gold", "ended", "no_repeat", "response_length", kl_column,
-                        "distinct_1", "distinct_2", "rouge_l") if c in results[0]]
+    cols = [c for c in ("model", "rm_score", "gold", *fn_columns, "ended", "no_repeat", "response_length",
+                        kl_column, "distinct_1", "distinct_2", "rouge_l") if c in results[0]]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         cells = []
@@ -202,7 +237,7 @@ def markdown_table(results):
     return "\n".join(lines)
 
 
-def write_outputs(out_dir, results, predictions, table):
+def write_outputs(out_dir, results, predictions, table, fn_columns=()):
     def write(tmp):
         with open(os.path.join(tmp, "predictions.jsonl"), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
@@ -216,7 +251,7 @@ def write_outputs(out_dir, results, predictions, table):
             import matplotlib.pyplot as plt
         except ImportError:
             return
-        metrics = [m for m in ("rm_score", "gold", "ended", "rouge_l", "distinct_2") if m in results[0]]
+        metrics = [m for m in ("rm_score", "gold", *fn_columns, "ended", "rouge_l", "distinct_2") if m in results[0]]
         fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3))
         for ax, metric in zip(axes if len(metrics) > 1 else [axes], metrics):
             ax.bar([r["model"] for r in results], [r[metric] for r in results],

@@ -4,10 +4,12 @@ import json
 import os
 
 import pytest
-from conftest import DEMO
+from conftest import DEMO, ROOT
 
 from nanorlhf import ablate, evaluate
-from nanorlhf.evaluate import distinct_n, rouge_l, units
+from nanorlhf.errors import UserError
+from nanorlhf.evaluate import distinct_n, reward_fn_columns, rouge_l, units
+from nanorlhf.rewards import accuracy
 from nanorlhf.rubric import has_repeat
 
 
@@ -56,3 +58,44 @@ def test_evaluation_reports_the_share_of_answers_that_ended(tiny_model_dir, rm_d
     assert results[0]["no_repeat"] == pytest.approx(sum(not has_repeat(p["response"]) for p in predictions) / 4)
     header = (out / "results.md").read_text(encoding="utf-8").splitlines()[0]
     assert "| ended | no_repeat |" in header
+
+
+def test_a_reward_function_column_is_named_by_its_function_unless_the_name_is_taken():
+    assert reward_fn_columns(["nanorlhf.rewards:accuracy", "my.py:brevity"]) == ["accuracy", "brevity"]
+    assert reward_fn_columns(["a.py:score", "b.py:score"]) == ["a.py:score", "b.py:score"]
+    assert reward_fn_columns(["nanorlhf.rewards:gold"]) == ["nanorlhf.rewards:gold"]  # the rubric's column
+
+
+def test_a_reward_function_that_cannot_be_loaded_stops_evaluate_before_any_model_loads():
+    with pytest.raises(UserError, match="--reward_fn 'accuracy': expected FILE.py:NAME or package.module:NAME"):
+        evaluate.main(["sft=no/such/dir", "--reward_fn", "accuracy"])
+
+
+@pytest.mark.slow
+def test_reward_functions_judge_question_records_a_column_each(tiny_model_dir, tmp_path):
+    data = tmp_path / "arith.jsonl"
+    with open(os.path.join(ROOT, "data", "real", "arith_test.jsonl"), encoding="utf-8") as f:
+        data.write_text("".join(f.readlines()[:4]), encoding="utf-8")
+    (tmp_path / "mine.py").write_text("def chars(prompt, response, answer, scale=1, **fields):\n"
+                                      "    return scale * len(response)\n", encoding="utf-8")
+    out = tmp_path / "eval"
+    # two models of one pipeline (the tiny one's template is ChatML), no reward model, no demo world
+    evaluate.main([f"sft={tiny_model_dir}", f"again={tiny_model_dir}", "--data", str(data), "--output_dir", str(out),
+                   "--max_new_tokens", "8", "--reward_fn", f"nanorlhf.rewards:accuracy,{tmp_path / 'mine.py'}:chars",
+                   "--reward_fn_kwargs", '{"scale": 2}'])
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    records = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
+    assert [r["model"] for r in results] == ["sft", "again"] and len(predictions) == 8
+    for pred, rec in zip(predictions, records + records):
+        assert pred["prompt"] == rec["question"]  # what the reward function was handed
+        assert pred["accuracy"] == accuracy(rec["question"], pred["response"], **rec)
+        assert pred["chars"] == 2 * len(pred["response"])
+    for row in results:
+        preds = [p for p in predictions if p["model"] == row["model"]]
+        assert row["accuracy"] == pytest.approx(sum(p["accuracy"] for p in preds) / 4)
+        assert row["chars"] == pytest.approx(sum(p["chars"] for p in preds) / 4)
+        assert {"ended", "response_length", "kl_to_sft"} <= set(row) and "gold" not in row and "rm_score" not in row
+    assert results[1]["kl_to_sft"] == pytest.approx(0.0, abs=1e-5)  # the same weights as the reference
+    header = (out / "results.md").read_text(encoding="utf-8").splitlines()[0]
+    assert header.startswith("| model | accuracy | chars | ended |")
