@@ -18,8 +18,14 @@ install-dev:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q $(CONSTRAINTS) -e ".[dev]"
 
-# The whole pipeline on the built-in tiny model and medical dataset, on whatever device you have.
-demo: install
+# install, plus matplotlib (the `plot` extra): what draws each stage's curves.png and the evaluation's results.png.
+install-plot:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[plot]"
+
+# The whole pipeline on the built-in tiny model and medical dataset, on whatever device you have;
+# it ends by naming the figures to open.
+demo: install-plot
 	bash scripts/demo.sh $(DEMO)
 
 # The README's ablation table: PPO variants from the demo's SFT and reward model (run `make demo` first).

@@ -46,5 +46,13 @@ $PY merge_lora.py --base "$OUT/sft-merged" --adapter "$OUT/ppo" --output_dir "$O
 step "Held-out prompts: SFT vs PPO (same prompts, greedy, room to end: 256 new tokens)"
 $PY -m nanorlhf.evaluate sft="$OUT/sft-merged" ppo="$OUT/ppo-merged" --rm "$OUT/rm-merged" \
     --data $D/test.jsonl --output_dir "$OUT/eval"
+# What to open: the figures (drawn where matplotlib is installed, as make demo does), the table, the answers
+figure() { if [ -f "$2" ]; then echo "  $1: $2"; else echo "  $1: not drawn, no matplotlib (pip install -e \".[plot]\")"; fi; }
 echo
-echo "done in $(( $(date +%s) - start )) s; outputs in $OUT/ (eval/results.md, eval/predictions.jsonl)"
+echo "done in $(( $(date +%s) - start )) s; outputs in $OUT/. Open:"
+figure "PPO's learning curves (score, KL, entropy, length per iteration)" "$OUT/ppo/curves.png"
+figure "SFT vs PPO on the held-out prompts (the table above, drawn)" "$OUT/eval/results.png"
+echo "  the table and every answer: $OUT/eval/results.md, $OUT/eval/predictions.jsonl"
+echo "  one PPO iteration, every number per token:"
+echo "    $PY -m nanorlhf.trace --sft $OUT/sft-merged --rm $OUT/rm-merged --data $D/ppo.jsonl \\"
+echo "        --response_length 96 --missing_eos_penalty 5 --plot $OUT/trace.png"
