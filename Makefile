@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEMO ?= runs/demo
 
-.PHONY: install install-dev test-newest demo ablate compare overopt rewards test test-fast bench lint data clean
+.PHONY: install install-dev install-plot test-newest demo ablate compare overopt rewards test test-fast bench lint data clean
 
 # torch is installed only when missing, so a CUDA build you already have is kept.
 # (torch==2.13.0 is the CPU wheel this project is developed and tested with.)
@@ -21,7 +21,7 @@ install-dev:
 # install, plus matplotlib (the `plot` extra): what draws each stage's curves.png and the evaluation's results.png.
 install-plot:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[plot]"
+	$(PIP) install -q $(CONSTRAINTS) -e ".[plot]"
 
 # The whole pipeline on the built-in tiny model and medical dataset, on whatever device you have;
 # it ends by naming the figures to open.
