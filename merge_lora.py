@@ -24,7 +24,7 @@ from nanorlhf.metrics import info
 
 def main():
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", required=True, help="the base model directory the adapter was trained on")
+    parser.add_argument("--base", required=True, help="the base the adapter was trained on: a model dir or .gguf file")
     parser.add_argument("--adapter", required=True, help="a PEFT-format LoRA adapter directory")
     parser.add_argument("--output_dir", required=True, help="where the merged model goes")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],

@@ -48,7 +48,7 @@ from nanorlhf.training import warmup_cosine
 @dataclasses.dataclass
 class Args(BaseArgs):
     """PPO on a policy (--sft) and a reward model (--rm)."""
-    sft: str = dataclasses.field(default="", metadata={"help": "the SFT policy (a merged model dir)"})
+    sft: str = dataclasses.field(default="", metadata={"help": "the SFT policy (a merged model dir or a .gguf file)"})
     rm: str = dataclasses.field(default="", metadata={"help": "the reward model: a merged RM dir, or train_rm.py's "
                                                       "LoRA adapter on --sft (then one base serves all roles)"})
     learning_rate: float = dataclasses.field(default=1e-4, metadata={"help": "AdamW lr (policy and critic)",

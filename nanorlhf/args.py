@@ -30,7 +30,7 @@ SEED_RANGE = f"[0,{2**32 - 1}]"  # what numpy's seed accepts
 @dataclasses.dataclass
 class BaseArgs:
     """Flags every stage shares (names as in LLaMA-Factory / transformers' TrainingArguments)."""
-    model: str = dataclasses.field(default="", metadata={"help": "model directory (transformers format)",
+    model: str = dataclasses.field(default="", metadata={"help": "model directory (transformers format) or .gguf file",
                                                          "aliases": ["model_name_or_path"]})
     data: str = dataclasses.field(default="", metadata={
         "help": "data files or directories of them, comma-separated: .txt .json .jsonl"})

@@ -103,7 +103,7 @@ def answer(model, tokenizer, prompt_ids, args, eos_ids, out=None):
 
 def build_parser():
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a merged model dir or a LoRA adapter dir")
+    parser.add_argument("--model", required=True, help="a merged model dir, a .gguf file or a LoRA adapter dir")
     parser.add_argument("--prompt", default="", help="answer this one message and exit")
     parser.add_argument("--system", default="", help="a system message")
     parser.add_argument("--temperature", type=float, default=0.7, range=">=0", help="0 = greedy")

@@ -1,7 +1,8 @@
-"""Loading what a stage trains: a model directory's tokenizer and weights (safetensors only), with
-LoRA added or the whole model trained."""
+"""Loading what a stage trains: a model directory's tokenizer and weights (safetensors only) or a .gguf
+file's (dequantized), with LoRA added or the whole model trained."""
 
 import glob
+import importlib.util
 import os
 
 from transformers import AutoTokenizer
@@ -12,10 +13,18 @@ from nanorlhf.metrics import info
 from nanorlhf.template import fit_model, prepare_tokenizer
 
 
+def is_gguf(path):
+    return str(path).lower().endswith(".gguf")
+
+
 def check_model_dir(path, what="--model"):
-    """Fail early, with one line, on a path that is not a transformers model directory."""
+    """Fail early, with one line, on a path that is neither a transformers model directory nor a .gguf file."""
     if not path:
         raise UserError(f"{what} is required")
+    if is_gguf(path):
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no such GGUF file ({what})")
+        return
     if not os.path.isdir(path):
         raise UserError(f"{path}: no such model directory ({what})")
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -24,27 +33,46 @@ def check_model_dir(path, what="--model"):
         raise UserError(f"{path}: no .safetensors weights (only safetensors are read, never pickles) ({what})")
 
 
-def load_tokenizer(path, trust_remote_code=False):
-    """The tokenizer of a model dir, given a chat template and a pad distinct from EOS and from the
-    end of turn where it lacks them (nanorlhf.template.prepare_tokenizer says what it changed)."""
+def from_pretrained(cls, path, what, **kwargs):
+    """cls.from_pretrained(path) with any failure as one line; a .gguf file through transformers' GGUF reader."""
+    if not is_gguf(path):
+        try:
+            return cls.from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: cannot load {what}: {str(e).splitlines()[0]}") from None
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"{path}: reading a GGUF file needs {' and '.join(missing)}: "
+                        "pip install 'nanorlhf-pipeline[gguf]'")
+    folder, name = os.path.split(os.path.abspath(path))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot load a tokenizer: {str(e).splitlines()[0]}") from None
+        return cls.from_pretrained(folder, gguf_file=name, **kwargs)
+    except (OSError, ValueError, KeyError, NotImplementedError) as e:  # an architecture or quantization it lacks
+        reason = str(e).splitlines()[0].replace(os.path.join(folder, name), "it")
+        raise UserError(f"{path}: cannot read this GGUF ({what}): {reason}") from None
+
+
+def load_tokenizer(path, trust_remote_code=False):
+    """The tokenizer of a model dir or .gguf file, given a chat template and a pad distinct from EOS and
+    from the end of turn where it lacks them (nanorlhf.template.prepare_tokenizer says what it changed)."""
+    tokenizer = from_pretrained(AutoTokenizer, path, "a tokenizer", trust_remote_code=trust_remote_code)
     for line in prepare_tokenizer(tokenizer, path):
         info(line)
     return tokenizer
 
 
 def load_model(path, cls, device, dtype, trust_remote_code=False, tokenizer=None, **kwargs):
-    """Load a transformers model from safetensors only (never a pickle a user was handed); with its
-    tokenizer, made to agree with it (an added pad's embedding row, pad and stop ids: template.fit_model)."""
+    """Load a transformers model from safetensors only (never a pickle a user was handed) or from a .gguf
+    file; with its tokenizer, made to agree with it (an added pad's embedding row, pad and stop ids:
+    template.fit_model)."""
     check_model_dir(path)
-    try:
-        model = cls.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                    trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot load the model: {str(e).splitlines()[0]}") from None
+    if is_gguf(path):  # every weight dequantized to `dtype`: a plain model, which trains and saves as safetensors
+        from transformers import GgufConfig  # (one keeping GGUF's packed blocks would refuse save_pretrained)
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    else:
+        kwargs["use_safetensors"] = True
+    model = from_pretrained(cls, path, "the model", dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     if tokenizer is not None:
         fit_model(model, tokenizer)
     return model.to(device)

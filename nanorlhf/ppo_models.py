@@ -154,7 +154,7 @@ def _check_rm_adapter(args):
     if config.get("task_type") != "SEQ_CLS" or "score" not in (config.get("modules_to_save") or []):
         raise UserError(f"--rm {args.rm}: not a reward-model adapter (task_type SEQ_CLS with its score head, as "
                         "train_rm.py --finetuning_type lora writes)")
-    if not (base and os.path.isdir(base) and os.path.samefile(base, args.sft)):
+    if not (base and os.path.exists(base) and os.path.samefile(base, args.sft)):  # a dir or a .gguf file
         raise UserError(f"--rm {args.rm}: the adapter was trained on {base or 'an unknown base'}, not on --sft "
                         f"{args.sft}; train the reward model on the SFT model, or pass a merged reward model")
     if args.finetuning_type != "lora":
