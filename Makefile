@@ -28,6 +28,11 @@ install-plot:
 demo: install-plot
 	bash scripts/demo.sh $(DEMO)
 
+# The demo's PPO stage again from the same SFT and reward models on seeds 1-5 and 42, with 1 and 2 threads
+# (seeds and threads stand in for machines whose float results differ), judged together (make demo first).
+demo-seeds: install
+	JOBS=2 bash scripts/demo_seeds.sh $(DEMO) runs/demo-seeds
+
 # The README's ablation table: PPO variants from the demo's SFT and reward model (run `make demo` first).
 ablate: install
 	OMP_NUM_THREADS=1 $(PYTHON) -m nanorlhf.ablate --sft $(DEMO)/sft-merged --rm $(DEMO)/rm-merged \

@@ -33,14 +33,9 @@ $PY train_rm.py --model "$OUT/sft-merged" --data $D/rm.jsonl --eval_data $D/rm_t
     --weight_decay 0.1 --logging_steps 20 --eval_steps 100
 
 step "4/4 PPO: the SFT policy against the reward model; merge"
-# Room to end: the full answers PPO should learn are 42 tokens on average and up to 59, so a cap of 48
-# cut many of them; a cut response is read by the RM mid-sentence, where it scores about as well as
-# a finished one, and the policy learnt not to stop. With 96, only a rambling answer reaches the cap,
-# and a penalty of 5 (about two standard deviations of this RM's scores) makes not ending cost more
-# than any ending gains. See the README, "What you should see".
+source scripts/demo_ppo_flags.sh  # PPO_FLAGS: room to end, the missing-EOS penalty, ... (why: in that file)
 $PY train_ppo.py --sft "$OUT/sft-merged" --rm "$OUT/rm-merged" --data $D/ppo.jsonl --output_dir "$OUT/ppo" \
-    --num_updates 20 --batch_size 16 --learning_rate 3e-4 --logging_steps 1 \
-    --response_length 96 --missing_eos_penalty 5
+    "${PPO_FLAGS[@]}"
 $PY merge_lora.py --base "$OUT/sft-merged" --adapter "$OUT/ppo" --output_dir "$OUT/ppo-merged"
 
 step "Held-out prompts: SFT vs PPO (same prompts, greedy, room to end: 256 new tokens)"
