@@ -12,6 +12,9 @@ a run that has it is reused, so an interrupted grid picks up where it stopped. A
 results.md and results.json (mean ± sd over seeds) and curves.png (learning curves, seed mean).
 
 --jobs N runs N cells at once (each its own processes; give each one thread: OMP_NUM_THREADS=1).
+--patch NAME=FILE.diff adds a variant NAME: the defaults, trained by a copy of this checkout's code with
+FILE applied (git apply), so a change to nanorlhf/ppo.py or train_ppo.py is measured like a flag; the
+checkout itself is never touched (docs/exercises.md's deliberate bug is one).
 --eval_checkpoints also evaluates every checkpoint a run saved (train with --save_steps K
 --save_total_limit 0) and the SFT model as step 0, and draws overoptimization.png: RM score and gold
 score against KL to SFT along each run, the picture of Gao et al. 2022 ("Scaling laws for reward model
@@ -20,12 +23,15 @@ overoptimization"): where chasing the RM stops helping the gold score.
 
 import concurrent.futures
 import glob
+import hashlib
 import json
 import os
+import shutil
 import statistics
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 
 from nanorlhf import plots
@@ -49,6 +55,11 @@ VARIANTS = {
     "no_whiten_adv": ["--no-whiten_advantages"],
     "no_value_clip": ["--cliprange_value", "0"],
     "lambda_1": ["--lam", "1.0"],
+    "lambda_0": ["--lam", "0.0"],  # one-step TD: the advantage is r_t + V(s_t+1) - V(s_t)
+    "no_clip": ["--cliprange", "1e6"],  # no ratio reaches 1e6: the surrogate is never clipped
+    "epochs_1": ["--ppo_epochs", "1"],
+    # the README's first demo's length hack: a cap inside the normal answer length, and nothing lost by a cut
+    "no_eos_penalty_48": ["--missing_eos_penalty", "0", "--response_length", "48"],
     "reinforce": ["--advantage_estimator", "reinforce"],
     "rloo": ["--advantage_estimator", "rloo", "--num_samples_per_prompt", "4"],
     "grpo": ["--advantage_estimator", "grpo", "--num_samples_per_prompt", "4"],
@@ -98,25 +109,27 @@ def variant_flags(args, extra, variant):
     """The flags a variant's training run gets: the grid's shared ones, then its own (which win)."""
     if variant in DPO_VARIANTS:
         return shlex.split(args.dpo_args) + DPO_VARIANTS[variant]
-    return extra + VARIANTS[variant]
+    return extra + VARIANTS.get(variant, [])  # a --patch variant: the defaults, by patched code
 
 
-def train_and_evaluate(args, extra, variant, seed, run_dir):
-    """One cell of the grid: train_ppo.py (train_dpo.py for the DPO family), then evaluate.py; returns its
-    result (also result.json)."""
+def train_and_evaluate(args, extra, variant, seed, run_dir, code=ROOT, patch=None):
+    """One cell of the grid: train_ppo.py (train_dpo.py for the DPO family) from the checkout `code` (for a
+    --patch variant a patched copy, and `patch` names the diff), then evaluate.py; returns its result (also
+    result.json)."""
     os.makedirs(run_dir, exist_ok=True)
     flags = variant_flags(args, extra, variant)
     if variant in DPO_VARIANTS:
-        train = [sys.executable, os.path.join(ROOT, "train_dpo.py"), "--model", args.sft, "--data", args.pairs,
+        train = [sys.executable, os.path.join(code, "train_dpo.py"), "--model", args.sft, "--data", args.pairs,
                  "--output_dir", run_dir, "--seed", str(seed), *flags]
     else:
-        train = [sys.executable, os.path.join(ROOT, "train_ppo.py"), "--sft", args.sft, "--rm", args.rm,
+        train = [sys.executable, os.path.join(code, "train_ppo.py"), "--sft", args.sft, "--rm", args.rm,
                  "--data", args.data, "--output_dir", run_dir, "--seed", str(seed), *flags]
     if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         train.append("--resume")  # an interrupted run continues from its last checkpoint (if any)
     rc, wall_s, last = run_logged(train, os.path.join(run_dir, "train.log"),
                                   f"{variant} seed {seed}: {os.path.basename(train[1])}")
-    result = {"variant": variant, "seed": seed, "flags": flags, "wall_s": wall_s, **budget(run_dir, variant)}
+    result = {"variant": variant, "seed": seed, "flags": flags, **({"patch": patch} if patch else {}),
+              "wall_s": wall_s, **budget(run_dir, variant)}
     if rc == 3:
         result["diverged"] = last
     else:
@@ -143,6 +156,31 @@ def train_and_evaluate(args, extra, variant, seed, run_dir):
     return result
 
 
+def patched_copy(patch, dest):
+    """A copy of this checkout's code in dest (the stage scripts, nanorlhf/, tests/, pyproject.toml; the
+    working tree, uncommitted edits included) with the diff `patch` applied by git apply. The checkout is
+    never touched. A script run from dest imports dest's nanorlhf (its own folder comes first on sys.path),
+    and `python -m pytest` run in dest tests it. Returns dest."""
+    os.makedirs(dest, exist_ok=True)
+    for name in os.listdir(ROOT):
+        if name.endswith(".py") or name == "pyproject.toml":
+            shutil.copy2(os.path.join(ROOT, name), dest)
+    for folder in ("nanorlhf", "tests"):
+        shutil.copytree(os.path.join(ROOT, folder), os.path.join(dest, folder),
+                        ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+    # outside any repository (no search above dest), git apply patches the files in dest like patch(1)
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": os.path.dirname(os.path.abspath(dest))}
+    try:
+        proc = subprocess.run(["git", "apply", "--verbose", os.path.abspath(patch)], cwd=dest, env=env,
+                              capture_output=True, text=True)
+    except FileNotFoundError:
+        raise UserError("--patch needs git (git apply) on the PATH") from None
+    if proc.returncode:
+        first = (proc.stderr.strip().splitlines() or ["(no message)"])[0]
+        raise UserError(f"{patch}: does not apply to this checkout's code: {first}")
+    return dest
+
+
 def checkpoints(run_dir):
     """[(step, path)] of the checkpoint-STEP dirs a run kept, oldest first."""
     found = [(int(p.rsplit("-", 1)[1]), p) for p in glob.glob(os.path.join(run_dir, "checkpoint-*"))
@@ -158,10 +196,11 @@ def budget(run_dir, variant):
     return {"budget": f"{last[name]:.0f} {'pairs' if name == 'pairs' else 'responses'}"} if name in last else {}
 
 
-def summarize(variant, results):
+def summarize(variant, results, patch=None):
     """Mean and sd over the seeds that finished (sd None with one seed)."""
-    flags = DPO_VARIANTS[variant] if variant in DPO_VARIANTS else VARIANTS[variant]
-    row = {"variant": variant, "flags": " ".join(flags) or "(defaults)",
+    flags = DPO_VARIANTS[variant] if variant in DPO_VARIANTS else VARIANTS.get(variant, [])
+    flags = f"patch {os.path.basename(patch)}" if patch else " ".join(flags) or "(defaults)"
+    row = {"variant": variant, "flags": flags,
            "seeds": len(results), "diverged": sum("diverged" in r for r in results),
            "budget": results[0].get("budget", "") if results else ""}
     for col in COLUMNS:
@@ -212,17 +251,43 @@ def build_parser():
                         help="cells run at once (each with its own processes)")
     parser.add_argument("--eval_checkpoints", action="store_true",
                         help="also evaluate the SFT model and each run's checkpoints: overoptimization.png")
+    parser.add_argument("--patch", action="append", default=[], metavar="NAME=FILE.diff",
+                        help="a variant NAME (list it in --variants): the defaults, trained by a copy of this "
+                        "checkout's code with FILE applied (git apply); repeatable")
     return parser
 
 
-def main():
-    argv = sys.argv[1:]
+def patch_id(path):
+    """A diff named by its file name and content: a run is reused only by the same change."""
+    with open(path, "rb") as f:
+        return f"{os.path.basename(path)} (sha256 {hashlib.sha256(f.read()).hexdigest()[:12]})"
+
+
+def parse_patches(specs):
+    """--patch NAME=FILE, ... -> {NAME: FILE}, each a new variant name and a file that exists."""
+    patches = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--patch: expected NAME=FILE.diff, got {spec!r}")
+        if name in VARIANTS or name in DPO_VARIANTS or name in patches:
+            raise UserError(f"--patch {spec}: {name} is already a variant; choose another name")
+        if not os.path.isfile(path):
+            raise UserError(f"--patch {spec}: {path}: no such file")
+        patches[name] = path
+    return patches
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    patches = parse_patches(args.patch)
     variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS and v not in DPO_VARIANTS]
+    unknown = [v for v in variants if v not in VARIANTS and v not in DPO_VARIANTS and v not in patches]
     if unknown or not variants:
-        raise UserError(f"--variants: unknown {unknown}; choose from {', '.join([*VARIANTS, *DPO_VARIANTS])}")
+        raise UserError(f"--variants: unknown {unknown}; choose from {', '.join([*VARIANTS, *DPO_VARIANTS])}"
+                        + (f" or a --patch name ({', '.join(patches)})" if patches else ""))
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
@@ -250,16 +315,25 @@ def main():
         if done[variant, seed]["flags"] != variant_flags(args, extra, variant):
             raise UserError(f"{run_dir}: ran with other flags ({' '.join(done[variant, seed]['flags'])}); "
                             "choose another --output_dir")
+        if done[variant, seed].get("patch") != (patch_id(patches[variant]) if variant in patches else None):
+            raise UserError(f"{run_dir}: ran with other code ({done[variant, seed].get('patch', 'unpatched')}); "
+                            "choose another --output_dir")
         if args.eval_checkpoints and not ({"checkpoints", "diverged"} & set(done[variant, seed])):
             raise UserError(f"{run_dir}: evaluated without --eval_checkpoints; choose another --output_dir")
         info(f"[{i}/{len(cells)}] {variant} seed {seed}: reused (finished before)")
 
+    # each --patch variant still to train: one patched copy of the code, for as long as the grid runs
+    scratch = tempfile.TemporaryDirectory(prefix="nanorlhf-patched-")
+    code = {v: patched_copy(patches[v], os.path.join(scratch.name, v)) for v in dict.fromkeys(v for v, _, _ in todo)
+            if v in patches}
+
     def cell(variant, seed, run_dir):
-        info(f"{variant} seed {seed}: training ...")
-        return train_and_evaluate(args, extra, variant, seed, run_dir)
+        info(f"{variant} seed {seed}: training ..." + (f" (patched: {patches[variant]})" if variant in code else ""))
+        return train_and_evaluate(args, extra, variant, seed, run_dir, code.get(variant, ROOT),
+                                  patch_id(patches[variant]) if variant in patches else None)
 
     # --jobs cells at once, each in its own processes (threads here only wait for them)
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+    with scratch, concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         running = {pool.submit(cell, *job): job[:2] for job in todo}
         try:
             for future in concurrent.futures.as_completed(running):
@@ -275,7 +349,7 @@ def main():
             raise
     results = {v: [done[v, s] for s in seeds] for v in variants}
 
-    rows = [summarize(v, results[v]) for v in variants]
+    rows = [summarize(v, results[v], patches.get(v)) for v in variants]
     table = markdown_table(rows)
     flags = f"train_ppo.py `{' '.join(extra) or '-'}`" + (
         f", train_dpo.py `{args.dpo_args}`" if any(v in DPO_VARIANTS for v in variants) else "")
