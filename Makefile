@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEMO ?= runs/demo
 
-.PHONY: install install-dev install-plot test-newest demo ablate compare overopt rewards test test-fast bench lint data clean real-model
+.PHONY: install install-dev install-plot test-newest demo ablate compare overopt exercises rewards test test-fast bench lint data clean real-model
 
 # torch is installed only when missing, so a CUDA build you already have is kept.
 # (torch==2.13.0 is the CPU wheel this project is developed and tested with.)
@@ -58,6 +58,12 @@ overopt: install
 	    --variants no_kl,baseline,kl_0.2 --eval_checkpoints --jobs 2 \
 	    -- --num_updates 60 --batch_size 16 --learning_rate 3e-4 --logging_steps 1 --response_length 96 \
 	    --missing_eos_penalty 5 --save_steps 10 --save_total_limit 0
+
+# docs/exercises.md: eight changes to PPO, each with the baseline over seeds 1,2,3, every measured answer written
+# into the page (make demo first; about 15 min with two runs at a time).
+exercises: install
+	$(PYTHON) -m nanorlhf.exercises --sft $(DEMO)/sft-merged --rm $(DEMO)/rm-merged --output_dir runs/exercises \
+	    --seeds 1,2,3 --jobs 2 --page docs/exercises.md
 
 # Rewards a program computes: GRPO on a rule reward, and PPO/GRPO on the gold rubric beside the RM (make demo first).
 rewards: install
