@@ -33,7 +33,7 @@ demo: install-plot
 demo-seeds: install
 	JOBS=2 bash scripts/demo_seeds.sh $(DEMO) runs/demo-seeds
 
-# The README's ablation table: PPO variants from the demo's SFT and reward model (run `make demo` first).
+# docs/ablation.md's table: PPO variants from the demo's SFT and reward model (run `make demo` first).
 ablate: install
 	OMP_NUM_THREADS=1 $(PYTHON) -m nanorlhf.ablate --sft $(DEMO)/sft-merged --rm $(DEMO)/rm-merged \
 	    --data data/demo/ppo.jsonl --eval_data data/demo/test.jsonl --output_dir runs/ablate --seeds 1,2,3 \
