@@ -27,8 +27,12 @@ one_run() {  # seed threads
     rm -rf "$OUT/$name" "$OUT/$name-merged"
     OMP_NUM_THREADS=$2 $PY train_ppo.py --sft "$DEMO/sft-merged" --rm "$DEMO/rm-merged" --data $D/ppo.jsonl \
         --output_dir "$OUT/$name" "${PPO_FLAGS[@]}" $PPO_EXTRA --seed "$1" > "$log" 2>&1 &&
-    OMP_NUM_THREADS=$2 $PY merge_lora.py --base "$DEMO/sft-merged" --adapter "$OUT/$name" \
-        --output_dir "$OUT/$name-merged" >> "$log" 2>&1 ||
+    if [ -f "$OUT/$name/adapter_config.json" ]; then  # LoRA: merge; a full run (--finetuning_type full) is a model
+        OMP_NUM_THREADS=$2 $PY merge_lora.py --base "$DEMO/sft-merged" --adapter "$OUT/$name" \
+            --output_dir "$OUT/$name-merged" >> "$log" 2>&1
+    else
+        cp -r "$OUT/$name" "$OUT/$name-merged"
+    fi ||
         { echo "$name failed: see $log" >&2; return 1; }
     echo "$name done ($(( $(date +%s) - start )) s so far)"
 }
