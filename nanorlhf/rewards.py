@@ -96,6 +96,13 @@ def accuracy(prompt, response, answer=None, **fields):
     return 1.0 if re.search(whole_words, normalize(said)) else 0.0
 
 
+def readable(prompt, response, **fields):
+    """1.0 if the response commits to exactly one number (parse_number_answer finds one), right or wrong: the
+    format half of `accuracy`. Judging with both separates format from arithmetic: accuracy / readable is the
+    share right among the answers a parser can read."""
+    return 0.0 if parse_number_answer(extract_answer(response), prompt) is None else 1.0
+
+
 def format(prompt, response, pattern=THINK_ANSWER, **fields):  # noqa: A001 (the name users know)
     """1.0 if the whole response matches the regular expression `pattern` (re.DOTALL), else 0.0.
     The default is MedicalGPT's <think>...</think><answer>...</answer>."""
