@@ -223,11 +223,11 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
-def mean_curve(runs_rows):
-    """The seed mean of each curve, at the steps every seed logged."""
+def mean_curve(runs_rows, keys=CURVES):
+    """The seed mean of each curve (keys), at the steps every seed logged."""
     by_step = [{r["step"]: r for r in rows} for rows in runs_rows if rows]
     steps = sorted(set.intersection(*(set(d) for d in by_step))) if by_step else []
-    return [{"step": s, **{k: statistics.mean(d[s][k] for d in by_step) for k in CURVES
+    return [{"step": s, **{k: statistics.mean(d[s][k] for d in by_step) for k in keys
                           if all(k in d[s] for d in by_step)}} for s in steps]
 
 
