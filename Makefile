@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEMO ?= runs/demo
 
-.PHONY: install install-dev install-plot test-newest demo ablate compare overopt exercises rewards test test-fast bench lint data clean real-model
+.PHONY: install install-dev install-plot test-newest demo ablate compare overopt exercises rewards test test-fast bench lint data clean real-model real real-seeds
 
 # torch is installed only when missing, so a CUDA build you already have is kept.
 # (torch==2.13.0 is the CPU wheel this project is developed and tested with.)
@@ -76,6 +76,18 @@ real-model:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q $(CONSTRAINTS) -e ".[gguf]"
 	$(PYTHON) scripts/real_model.py
+
+# docs/real.md: on SmolLM2-135M-Instruct, preference pairs it makes itself, RM -> PPO, GRPO on the program's
+# reward and DPO on the pairs, one seed, judged on the held-out questions; the policies merged in runs/real/seed-1/.
+real: install-plot
+	@[ -f runs/models/smollm2-135m-instruct/config.json ] || $(MAKE) real-model
+	$(PYTHON) -m nanorlhf.real --seeds 1 --output_dir runs/real
+
+# The same over seeds 1,2,3, with and without an SFT stage, written into docs/real.md (make real's seed 1 is reused).
+real-seeds: install-plot
+	@[ -f runs/models/smollm2-135m-instruct/config.json ] || $(MAKE) real-model
+	$(PYTHON) -m nanorlhf.real --seeds 1,2,3 --methods ppo,grpo,dpo,sft,sft_grpo --output_dir runs/real \
+	    --page docs/real.md
 
 test: install-dev
 	$(PYTHON) -m pytest -q tests
