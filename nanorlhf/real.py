@@ -80,7 +80,7 @@ def build_parser():
                         help="sampling temperature of the pairs and of PPO's and GRPO's rollouts (train_ppo's default)")
     parser.add_argument("--response_length", type=int, default=32, range=">0",
                         help="longest answer sampled (pairs, PPO, GRPO)")
-    parser.add_argument("--iterations", type=int, default=15, range=">0", help="PPO and GRPO iterations")
+    parser.add_argument("--iterations", type=int, default=12, range=">0", help="PPO and GRPO iterations")
     parser.add_argument("--batch_size", type=int, default=16, range=">0", help="responses per PPO iteration")
     parser.add_argument("--grpo_batch_size", type=int, default=32, range=">0",
                         help="responses per GRPO iteration (no critic to run or train: about PPO's time at 16)")
@@ -191,6 +191,13 @@ def cell(values):
     return seed_cell(values[:1] if len(set(values)) == 1 else values)
 
 
+def seconds(values):
+    """Wall times over seeds, in whole seconds: mean (min – max), or the one value."""
+    if len(set(values)) == 1:
+        return f"{values[0]:.0f}"
+    return f"{statistics.mean(values):.0f} ({min(values):.0f} – {max(values):.0f})" if values else "–"
+
+
 def last_logged(run_dir, key):
     values = [row[key] for row in plots.read_metrics(run_dir) if key in row]
     return values[-1] if values else None
@@ -226,7 +233,8 @@ def results_table(results, methods, reward_fn="nanorlhf.rewards:accuracy"):
     lines = ["| model | trained on | " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
     for model in ["start", *methods]:
         what = METHODS[model][0].format(judge=judge) if model in METHODS else "- (the starting model)"
-        lines.append(f"| {model} | {what} | " + " | ".join(cell(values_of(results, model, k)) for k in COLUMNS) + " |")
+        lines.append(f"| {model} | {what} | " + " | ".join((seconds if k == "train_s" else cell)(
+            values_of(results, model, k)) for k in COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -292,11 +300,12 @@ def examples_block(args, results, methods, per_phrasing=1):
     by_model = {m: [p for p in predictions if p["model"] == m] for m in models}
 
     def shown(p):
-        mark = "right" if p.get("accuracy") else "readable, wrong" if p.get("readable") else "unreadable"
+        mark = ("right" if p.get("accuracy") else "readable, wrong" if p.get("readable") else "unreadable") + (
+            "" if p["ended"] else ", did not end")
         text = " ".join(p["response"].split()).replace("|", "\\|")
         return f"{text[:90] + ' ...' if len(text) > 90 else text} ({mark})"
 
-    lines = [f"Seed {results[0]['seed']}, greedy; after each answer the judge's verdict.", "",
+    lines = [f"Seed {results[0]['seed']}, greedy; after each answer (its first 90 characters) the judge's verdict.", "",
              "| question (answer) | " + " | ".join(models) + " |", "|" + "---|" * (len(models) + 1)]
     for i in picked:
         question = by_model["start"][i]["prompt"].replace("|", "\\|")
@@ -308,8 +317,8 @@ def examples_block(args, results, methods, per_phrasing=1):
 def times_block(results):
     names = list(dict.fromkeys(k for r in results for k in r["stage_s"]))
     lines = ["| stage | wall s |", "|---|---|"]
-    lines += [f"| {n} | {cell([r['stage_s'][n] for r in results if n in r['stage_s']])} |" for n in names]
-    lines.append(f"| **one seed, all stages** | {cell([sum(r['stage_s'].values()) for r in results])} |")
+    lines += [f"| {n} | {seconds([r['stage_s'][n] for r in results if n in r['stage_s']])} |" for n in names]
+    lines.append(f"| **one seed, all stages** | {seconds([sum(r['stage_s'].values()) for r in results])} |")
     return "\n".join(lines)
 
 
