@@ -89,14 +89,8 @@ real-seeds: install-plot
 	$(PYTHON) -m nanorlhf.real --seeds 1,2,3 --methods ppo,grpo,dpo,sft,sft_grpo --output_dir runs/real \
 	    --page docs/real.md
 
-# Two pytest processes side by side, one per core: the end-to-end runs marked slow (mostly single-threaded
-# subprocesses that spend their time importing and starting) and the rest. The slow half's output is
-# printed when it ends; the target fails if either half does.
 test: install-dev
-	@log=$$(mktemp); $(PYTHON) -m pytest -q -p no:cacheprovider -m slow tests > $$log 2>&1 & slow=$$!; \
-	$(PYTHON) -m pytest -q -m "not slow" tests; fast=$$?; \
-	wait $$slow; slow_rc=$$?; echo; echo "== the slow end-to-end tests =="; cat $$log; rm -f $$log; \
-	test $$fast -eq 0 -a $$slow_rc -eq 0
+	$(PYTHON) -m pytest -q tests
 
 # The suite on the newest versions pyproject's ranges allow (torch aside: 2.13.0, the CPU wheel), in a
 # virtualenv of its own (.venv-newest), so the tested set in constraints.txt can be moved forward.
