@@ -91,18 +91,24 @@ def run_logged(argv, log_path, what):
     """Run a command with its output in log_path; returns (exit status, seconds, last log line)."""
     start = time.time()
     with open(log_path, "w", encoding="utf-8") as log:
-        child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
-        try:
-            rc = child.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached the child too: let it save its checkpoint and stop
-            child.wait()
-            raise
+        rc = run_command(argv, log)
     with open(log_path, encoding="utf-8") as log:
         lines = [line.strip() for line in log if line.strip()]
     last = lines[-1] if lines else ""
     if rc not in (0, 3):  # 3 = training diverged: a result, recorded; anything else stops the grid
         raise UserError(f"{what} failed (exit {rc}): {last} (log: {log_path})")
     return rc, time.time() - start, last
+
+
+def run_command(argv, log):
+    """Run argv, a fresh interpreter, with its output in the open file `log`; its exit status. (The tests swap in
+    forks of a process that imported torch once: most of a tiny run is its imports.)"""
+    child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
+    try:
+        return child.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the child too: let it save its checkpoint and stop
+        child.wait()
+        raise
 
 
 def variant_flags(args, extra, variant):

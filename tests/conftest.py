@@ -62,13 +62,26 @@ def launcher(tmp_path_factory):
     launcher.close()
 
 
-def run_as_main(script, args, stderr_path):
-    """In a fork: `python script args` with stderr to a file; never returns."""
-    os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+@pytest.fixture
+def forked_stages(launcher, monkeypatch):
+    """nanorlhf.ablate's commands (ablate's, exercises' and make real's runs) forked from the launcher."""
+    from nanorlhf import ablate
+
+    monkeypatch.setattr(ablate, "run_command", launcher.run_command)
+
+
+def run_as_main(script, args, stderr_path, stdout_too=False):
+    """In a fork: `python script args` (`python -m module args` for "-m module") with stderr to a file, and with
+    stdout_too stdout as well; never returns."""
+    err = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(err, 2)
+    os.dup2(err if stdout_too else os.open(os.devnull, os.O_WRONLY), 1)
     sys.argv, code = [script, *args], 0
     try:
-        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+        if script.startswith("-m "):
+            runpy.run_module(script[3:], run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
     except SystemExit as e:  # as the interpreter treats it: an int is the status, anything else is printed
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if not isinstance(e.code, (int, type(None))):

@@ -12,9 +12,12 @@ import os
 import runpy
 import subprocess
 import sys
+import threading
 import time
 
 from conftest import ROOT
+
+from nanorlhf.ablate import run_command as fresh_run_command
 
 SCRIPTS = ["train_sft.py", "train_rm.py", "train_dpo.py", "train_ppo.py"]
 
@@ -28,12 +31,13 @@ class Launcher:
         env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
         self.server = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"], cwd=ROOT,
                                        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.stderr_dir, self.n = stderr_dir, 0
+        self.stderr_dir, self.n, self.lock = stderr_dir, 0, threading.Lock()
 
-    def start(self, script, *args):
+    def start(self, script, *args, log=None):
+        """log: a file for stdout and stderr both (as nanorlhf.ablate's logs), instead of stderr alone."""
         self.n += 1
-        self.stderr_path = os.path.join(self.stderr_dir, f"run{self.n}.stderr")
-        self.server.stdin.write(json.dumps([script, [str(a) for a in args], self.stderr_path]) + "\n")
+        self.stderr_path = log or os.path.join(self.stderr_dir, f"run{self.n}.stderr")
+        self.server.stdin.write(json.dumps([script, [str(a) for a in args], self.stderr_path, bool(log)]) + "\n")
         self.server.stdin.flush()
         return int(self.server.stdout.readline())
 
@@ -45,9 +49,22 @@ class Launcher:
         with open(self.stderr_path, encoding="utf-8") as f:
             return int(line), f.read()
 
-    def run(self, script, *args):
-        self.start(script, *args)
+    def run(self, script, *args, log=None):
+        self.start(script, *args, log=log)
         return self.wait()
+
+    def run_command(self, argv, log):
+        """nanorlhf.ablate.run_command's work, forked: [python, ROOT/script.py or -m module, args...] with its
+        output in the open file `log`; its exit status. Other code (a patched copy's) runs as a fresh interpreter,
+        since the imported modules here are the checkout's."""
+        if argv[1] == "-m":
+            script, args = f"-m {argv[2]}", argv[3:]
+        elif os.path.dirname(os.path.abspath(argv[1])) == ROOT:
+            script, args = os.path.basename(argv[1]), argv[2:]
+        else:
+            return fresh_run_command(argv, log)
+        with self.lock:  # one run at a time (ablate --jobs calls from threads)
+            return self.run(script, *args, log=log.name)[0]
 
     def close(self):
         self.server.stdin.close()
@@ -69,11 +86,11 @@ def serve():
     for script in SCRIPTS:
         runpy.run_path(os.path.join(ROOT, script), run_name="imports_only")  # its imports, not main()
     for line in sys.stdin:
-        script, args, stderr_path = json.loads(line)
+        script, args, stderr_path, stdout_too = json.loads(line)
         sys.stdout.flush()  # nothing buffered may be copied into the child
         pid = os.fork()
         if pid == 0:
-            run_as_main(script, args, stderr_path)
+            run_as_main(script, args, stderr_path, stdout_too)
         print(pid, flush=True)
         _, status = os.waitpid(pid, 0)
         print(os.waitstatus_to_exitcode(status), flush=True)

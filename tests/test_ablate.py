@@ -61,7 +61,8 @@ def ablate(monkeypatch, *args):
 
 
 @pytest.mark.slow
-def test_grid_writes_the_table_and_reuses_finished_runs(tiny_model_dir, rm_dir, tmp_path, monkeypatch, capsys):
+def test_grid_writes_the_table_and_reuses_finished_runs(tiny_model_dir, rm_dir, tmp_path, monkeypatch, capsys,
+                                                        forked_stages):
     monkeypatch.setenv("TQDM_DISABLE", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # on a busy 2-core machine threads slow a tiny model ~10x
     out = tmp_path / "ablate"
@@ -96,10 +97,10 @@ def test_grid_writes_the_table_and_reuses_finished_runs(tiny_model_dir, rm_dir, 
 
     capsys.readouterr()
 
-    def no_subprocess(*args, **kwargs):
-        raise AssertionError(f"started {args[0][:2]}")
+    def no_run(argv, log):
+        raise AssertionError(f"started {argv[:2]}")
 
-    monkeypatch.setattr(ablate_module.subprocess, "Popen", no_subprocess)
+    monkeypatch.setattr(ablate_module, "run_command", no_run)
     ablate(monkeypatch, *argv)  # an interrupted or repeated grid: finished runs are not run again
     assert capsys.readouterr().err.count("reused (finished before)") == 3
     assert markers == {v: (out / v / "seed-1" / "result.json").stat().st_mtime_ns for v in markers}

@@ -110,8 +110,10 @@ def test_fill_replaces_the_marked_block_and_nothing_else():
 
 
 @pytest.mark.slow
-def test_every_exercise_runs_one_iteration_and_its_answer_is_written_into_the_page(tiny_model_dir, rm_dir, tmp_path,
-                                                                                   monkeypatch, capsys):
+def test_exercises_run_one_iteration_and_their_answers_are_written_into_the_page(tiny_model_dir, rm_dir, tmp_path,
+                                                                                 monkeypatch, capsys, forked_stages):
+    """Two exercises, not all nine (each variant is a training run: the suite's time): one with two variants, and
+    the patched copy. Every exercise's variants are ablate presets or the diff (checked above without training)."""
     monkeypatch.setenv("TQDM_DISABLE", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # exercises.main sets it; monkeypatch puts the old value back
     page = tmp_path / "exercises.md"
@@ -119,11 +121,14 @@ def test_every_exercise_runs_one_iteration_and_its_answer_is_written_into_the_pa
     out = tmp_path / "exercises"
     argv = ["--sft", tiny_model_dir, "--rm", rm_dir, "--data", f"{DEMO}/ppo.jsonl", "--eval_data", f"{DEMO}/test.jsonl",
             "--output_dir", out, "--seeds", 1, "--eval_max_new_tokens", 4, "--page", page, "--", *TINY]
-    exercises.main(list(map(str, argv)))
+    ran = ["lambda", "padding_bug"]
+    exercises.main(list(map(str, argv[:-len(TINY) - 1])) + ran + ["--", *map(str, TINY)])
     written = page.read_text(encoding="utf-8")
-    assert "not measured yet" not in written
     for name, exercise in exercises.EXERCISES.items():
         block = written.split(f"<!-- measured:{name} -->")[1].split(f"<!-- /measured:{name} -->")[0]
+        if name not in ran:  # the blocks of the exercises not run are left as they were
+            assert block == page_text().split(f"<!-- measured:{name} -->")[1].split(f"<!-- /measured:{name} -->")[0]
+            continue
         rows = [line.split("|")[1].strip() for line in block.splitlines() if line.startswith("| ")][1:]
         assert rows == ["baseline"] + [exercises.variant_name(v) for v in exercise["variants"]], name
     bug = written.split("<!-- measured:padding_bug -->")[1]

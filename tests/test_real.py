@@ -9,8 +9,6 @@ import re
 import shutil
 import sys
 
-import subprocess
-
 import pytest
 from conftest import ROOT
 
@@ -75,16 +73,16 @@ def test_pairs_use_no_text_twice_stop_at_the_limit_and_the_held_out_questions_go
     assert make(answers, limit=1, seed=3)[0] == make(answers, limit=1, seed=3)[0]  # deterministic given the seed
 
 
-def test_the_pairs_step_on_the_tiny_model_writes_the_same_files_given_the_seed(tiny_model_dir, tmp_path):
+def test_the_pairs_step_on_the_tiny_model_writes_the_same_files_given_the_seed(tiny_model_dir, tmp_path, launcher):
     """A judge the tiny model can satisfy (an answer of an odd number of characters), answers cut at 6 tokens."""
     (tmp_path / "judge.py").write_text("def odd(prompt, response, **fields):\n    return len(response) % 2\n")
     outputs = []
     for run in ("a", "b"):
-        subprocess.run([sys.executable, "-m", "nanorlhf.pairs", "--model", tiny_model_dir, "--data", TRAIN,
-                        "--output_dir", tmp_path / run, "--reward_fn", f"{tmp_path}/judge.py:odd", "--questions", "6",
-                        "--eval_questions", "2", "--samples", "4", "--max_new_tokens", "6", "--allow_unended",
-                        "--seed", "3", "--dtype", "fp32"], cwd=ROOT, check=True, capture_output=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+        code, stderr = launcher.run("-m nanorlhf.pairs", "--model", tiny_model_dir, "--data", TRAIN, "--output_dir",
+                                    tmp_path / run, "--reward_fn", f"{tmp_path}/judge.py:odd", "--questions", "6",
+                                    "--eval_questions", "2", "--samples", "4", "--max_new_tokens", "6",
+                                    "--allow_unended", "--seed", "3", "--dtype", "fp32")
+        assert code == 0, stderr[-3000:]
         outputs.append({name: (tmp_path / run / name).read_text() for name in os.listdir(tmp_path / run)})
     assert outputs[0] == outputs[1]
     assert sorted(outputs[0]) == ["eval.jsonl", "samples.jsonl", "sft.jsonl", "stats.json", "train.jsonl"]
@@ -190,7 +188,7 @@ TINY = ["--questions", "8", "--eval_questions", "2", "--samples", "4", "--respon
 
 @pytest.mark.slow
 def test_every_stage_on_the_tiny_model_leaves_merged_models_a_table_and_the_page_then_is_reused(
-        tiny_model_dir, tmp_path, monkeypatch, capsys):
+        tiny_model_dir, tmp_path, monkeypatch, capsys, forked_stages):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     (tmp_path / "judge.py").write_text("def odd(prompt, response, **fields):\n    return len(response) % 2\n")
     with open(TEST, encoding="utf-8") as f:
@@ -199,24 +197,24 @@ def test_every_stage_on_the_tiny_model_leaves_merged_models_a_table_and_the_page
     shutil.copyfile(PAGE, page)
     argv = ["--model", tiny_model_dir, "--output_dir", str(tmp_path / "real"), "--data", TRAIN,
             "--eval_data", str(tmp_path / "test.jsonl"), "--reward_fn", f"{tmp_path}/judge.py:odd",
-            "--methods", "ppo,grpo,dpo,sft_grpo", "--page", str(page), *TINY]
+            "--methods", "ppo,dpo,sft_grpo", "--page", str(page), *TINY]  # grpo: sft_grpo's command on another base
     real.main(argv)
     seed_dir = tmp_path / "real" / "seed-1"
-    for method in ("ppo", "grpo", "dpo", "sft", "sft_grpo"):  # merged: a plain model dir, no adapter
+    for method in ("ppo", "dpo", "sft", "sft_grpo"):  # merged: a plain model dir, no adapter
         assert (seed_dir / method / "config.json").is_file()
         assert not (seed_dir / method / "adapter_config.json").exists()
     assert (seed_dir / "rm" / "adapter_config.json").is_file()
     with open(seed_dir / "eval" / "results.json", encoding="utf-8") as f:
-        assert [r["model"] for r in json.load(f)] == ["start", "ppo", "grpo", "dpo", "sft", "sft_grpo"]
+        assert [r["model"] for r in json.load(f)] == ["start", "ppo", "dpo", "sft", "sft_grpo"]
     result = json.loads((seed_dir / "result.json").read_text())
-    assert set(result["stage_s"]) == {"pairs", "rm", "ppo", "grpo", "dpo", "sft", "sft_grpo", "eval",
-                                      *(f"merge {m}" for m in ("ppo", "grpo", "dpo", "sft", "sft_grpo"))}
+    assert set(result["stage_s"]) == {"pairs", "rm", "ppo", "dpo", "sft", "sft_grpo", "eval",
+                                      *(f"merge {m}" for m in ("ppo", "dpo", "sft", "sft_grpo"))}
     assert 0 <= result["rm_eval_accuracy"] <= 1 and result["models"]["start"]["kl_to_start"] == 0
     first = (tmp_path / "real" / "results.md").read_text()
     assert "| sft_grpo | SFT, then GRPO on odd |" in first and "## examples" in first
     text = page.read_text()
     assert "not measured yet" not in text and "Measured by `python -m nanorlhf.real" in text
-    assert "| grpo | GRPO on the program's reward (odd) |" in text
+    assert "| sft_grpo | SFT, then GRPO on odd |" in text
 
     capsys.readouterr()
     real.main(argv)  # again: every stage reused, the same table
