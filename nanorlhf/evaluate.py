@@ -156,6 +156,8 @@ def main(argv=None):
             raise UserError(f"{path}: its tokenizer differs from {named[0][1]}'s; compare models of one pipeline")
         eos_ids = stop_ids(tok, model)  # the end of turn and the model's own EOS ids
         torch.manual_seed(args.seed)  # every model samples with the same seed
+        # the reference itself (by default the first model): its KL is 0, not worth two forwards per batch
+        is_ref = os.path.realpath(path) == os.path.realpath(ref_path)
         answers, scores, kls, lengths, ended = [], [], [], [], []
         for i in range(0, len(prompts), args.batch_size):
             batch = generate(model, prompts[i:i + args.batch_size], args.max_new_tokens, eos_ids, tok.pad_token_id,
@@ -163,7 +165,7 @@ def main(argv=None):
             with torch.no_grad():
                 if reward_model is not None:
                     scores += reward_scores(reward_model, batch).tolist()
-                kls += kl_to_reference(model, ref, batch).tolist()
+                kls += [0.0] * len(batch["response"]) if is_ref else kl_to_reference(model, ref, batch).tolist()
             lengths += batch["response_mask"].sum(1).tolist()
             ended += ended_with_eos(batch["response"], eos_ids).tolist()
             answers += decode_responses(tok, batch)
