@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import DEMO, read_metrics, run_script
+from conftest import DEMO, read_metrics
 from transformers import AutoModelForCausalLM
 
 from nanorlhf.dpo import dpo_loss, orpo_loss, sequence_logps, simpo_loss
@@ -156,7 +156,9 @@ def test_dpo_run_starts_at_log_2_logs_trls_names_and_merges(launcher, tiny_model
     assert rows[-1]["rewards/margins"] > 0  # it learns to prefer the chosen answers
     adapter = json.load(open(out / "adapter_config.json"))
     assert adapter["base_model_name_or_path"] == os.path.abspath(tiny_model_dir)
-    run_script("merge_lora.py", "--base", tiny_model_dir, "--adapter", out, "--output_dir", tmp_path / "merged")
+    code, stderr = launcher.run("merge_lora.py", "--base", tiny_model_dir, "--adapter", out, "--output_dir",
+                                tmp_path / "merged")
+    assert code == 0, stderr[-3000:]
     AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import DEMO, read_metrics, run_script
+from conftest import DEMO, read_metrics
 from nanorlhf.lora import add_lora, lora_state_dict, merge_lora, save_adapter
 from nanorlhf.forward import logprobs_of, reward_scores
 from nanorlhf.ppo_models import base_copies, build_models
@@ -22,10 +22,11 @@ SMALL = ["--batch_size", 4, "--response_length", 8, "--ppo_epochs", 2, "--num_mi
 
 
 @pytest.mark.slow
-def test_ppo_run_logs_trl_metrics_and_starts_on_policy(tiny_model_dir, rm_dir, tmp_path):
+def test_ppo_run_logs_trl_metrics_and_starts_on_policy(tiny_model_dir, rm_dir, tmp_path, launcher):
     out = tmp_path / "ppo"
-    run_script("train_ppo.py", "--sft", tiny_model_dir, "--rm", rm_dir, "--data", f"{DEMO}/ppo.jsonl",
-               "--output_dir", out, "--num_updates", 2, *SMALL)
+    code, stderr = launcher.run("train_ppo.py", "--sft", tiny_model_dir, "--rm", rm_dir, "--data",
+                                f"{DEMO}/ppo.jsonl", "--output_dir", out, "--num_updates", 2, *SMALL)
+    assert code == 0, stderr[-3000:]
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     for name in TRL_NAMES + ["val/explained_variance", "val/response_length", "val/eos_fraction"]:
@@ -37,16 +38,18 @@ def test_ppo_run_logs_trl_metrics_and_starts_on_policy(tiny_model_dir, rm_dir, t
     # outputs: a PEFT adapter on --sft plus the critic; merge_lora turns the policy into a model
     assert json.load(open(out / "adapter_config.json"))["base_model_name_or_path"] == os.path.abspath(tiny_model_dir)
     assert (out / "critic" / "value_head.safetensors").exists()
-    run_script("merge_lora.py", "--base", tiny_model_dir, "--adapter", out, "--output_dir", tmp_path / "merged")
+    code, stderr = launcher.run("merge_lora.py", "--base", tiny_model_dir, "--adapter", out, "--output_dir",
+                                tmp_path / "merged")
+    assert code == 0, stderr[-3000:]
     AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
 
 
 @pytest.mark.slow
-def test_a_bf16_base_on_cpu_runs_ppo_with_sane_statistics(tiny_model_dir, rm_dir, tmp_path):
+def test_a_bf16_base_on_cpu_runs_ppo_with_sane_statistics(tiny_model_dir, rm_dir, tmp_path, launcher):
     out = tmp_path / "bf16"
-    proc = run_script("train_ppo.py", "--sft", tiny_model_dir, "--rm", rm_dir, "--data", f"{DEMO}/ppo.jsonl",
-                      "--output_dir", out, "--num_updates", 2, "--dtype", "bf16", *SMALL)
-    assert "torch.bfloat16 frozen weights" in proc.stderr
+    code, stderr = launcher.run("train_ppo.py", "--sft", tiny_model_dir, "--rm", rm_dir, "--data",
+                                f"{DEMO}/ppo.jsonl", "--output_dir", out, "--num_updates", 2, "--dtype", "bf16", *SMALL)
+    assert code == 0 and "torch.bfloat16 frozen weights" in stderr, stderr[-3000:]
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
@@ -58,11 +61,13 @@ def test_a_bf16_base_on_cpu_runs_ppo_with_sane_statistics(tiny_model_dir, rm_dir
 
 
 @pytest.mark.slow
-def test_critic_free_estimator_builds_no_critic(tiny_model_dir, rm_dir, tmp_path):
+def test_critic_free_estimator_builds_no_critic(tiny_model_dir, rm_dir, tmp_path, launcher):
     out = tmp_path / "grpo"
-    run_script("train_ppo.py", "--sft", tiny_model_dir, "--rm", rm_dir, "--data", f"{DEMO}/ppo.jsonl",
-               "--output_dir", out, "--num_updates", 1, "--advantage_estimator", "grpo",
-               "--num_samples_per_prompt", 2, "--no-whiten_advantages", "--kl_estimator", "k3", *SMALL)
+    code, stderr = launcher.run("train_ppo.py", "--sft", tiny_model_dir, "--rm", rm_dir, "--data",
+                                f"{DEMO}/ppo.jsonl", "--output_dir", out, "--num_updates", 1, "--advantage_estimator",
+                                "grpo", "--num_samples_per_prompt", 2, "--no-whiten_advantages", "--kl_estimator",
+                                "k3", *SMALL)
+    assert code == 0, stderr[-3000:]
     assert not (out / "critic").exists()
     row = read_metrics(out)[0]
     assert row["loss/value_avg"] == 0.0
