@@ -314,6 +314,38 @@ def examples_block(args, results, methods, per_phrasing=1):
     return "\n".join(lines)
 
 
+def kinds_block(args, results, methods):
+    """Accuracy by the held-out records' `phrasing` and `level` fields (make_arith.py's), each model's mean over
+    the seeds: which questions a gain came from. Empty for data without those fields."""
+    from nanorlhf.data import read_records
+
+    records = [rec for _, rec in read_records(args.eval_data)]
+    models = ["start", *methods]
+    right = {m: [[0.0] * len(records) for _ in results] for m in models}  # [model][seed][question]
+    for s, result in enumerate(results):
+        path = os.path.join(args.output_dir, f"seed-{result['seed']}", "eval", "predictions.jsonl")
+        with open(path, encoding="utf-8") as f:
+            predictions = [json.loads(line) for line in f]
+        for m in models:
+            for i, p in enumerate(p for p in predictions if p["model"] == m):
+                right[m][s][i] = float(p.get("accuracy", 0.0))
+    lines = []
+    for field in ("phrasing", "level"):
+        kinds = sorted({rec[field] for rec in records if field in rec})
+        if not kinds:
+            continue
+        lines += ["| model | " + " | ".join(f"{field} {k} ({sum(r.get(field) == k for r in records)})"
+                                             for k in kinds) + " |", "|" + "---|" * (len(kinds) + 1)]
+        for m in models:
+            cells = []
+            for k in kinds:
+                picked = [i for i, rec in enumerate(records) if rec.get(field) == k]
+                cells.append(cell([statistics.mean(seed[i] for i in picked) for seed in right[m]]))
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines).strip()
+
+
 def times_block(results):
     names = list(dict.fromkeys(k for r in results for k in r["stage_s"]))
     lines = ["| stage | wall s |", "|---|---|"]
@@ -350,7 +382,8 @@ def main(argv=None):
     wall = time.time() - start
 
     blocks = {"results": results_table(results, methods, args.reward_fn) + "\n\n" + verdicts(results, methods),
-              "pairs": pairs_block(results), "examples": examples_block(args, results, methods),
+              "kinds": kinds_block(args, results, methods), "pairs": pairs_block(results),
+              "examples": examples_block(args, results, methods),
               "times": times_block(results)}
     curves = {m: ablate.mean_curve([plots.read_metrics(os.path.join(args.output_dir, f"seed-{s}", "train", m))
                                     for s in seeds], CURVES)

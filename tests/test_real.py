@@ -20,7 +20,7 @@ from nanorlhf.rewards import accuracy, readable
 PAGE = os.path.join(ROOT, "docs", "real.md")
 TRAIN = os.path.join(ROOT, "data", "real", "arith_train.jsonl")
 TEST = os.path.join(ROOT, "data", "real", "arith_test.jsonl")
-BLOCKS = ["run", "results", "pairs", "examples", "times"]
+BLOCKS = ["run", "results", "kinds", "pairs", "examples", "times"]
 
 
 @pytest.mark.parametrize("response, expected", [
@@ -118,6 +118,26 @@ def test_the_table_is_the_seed_mean_and_range_and_arithmetic_is_right_among_read
     assert "90 (all right: 1, all wrong: 165)" in block and "held-out pairs: 0.750" in block
     times = real.times_block([seed_result(1, 0.4, 0.3)])
     assert "| pairs | 30 |" in times and "| **one seed, all stages** | 190 |" in times
+
+
+def test_accuracy_by_phrasing_and_level_is_each_models_seed_mean(tmp_path):
+    questions = [("a", 1), ("a", 2), ("b", 1), ("b", 1)]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"question": f"q{i}", "answer": "1", "phrasing": p,
+                                                             "level": lv}) + "\n"
+                                                 for i, (p, lv) in enumerate(questions)))
+    right = {1: {"start": [0, 0, 1, 0], "grpo": [1, 0, 1, 1]}, 2: {"start": [0, 0, 1, 0], "grpo": [0, 0, 1, 0]}}
+    for seed, models in right.items():
+        (tmp_path / f"seed-{seed}" / "eval").mkdir(parents=True)
+        (tmp_path / f"seed-{seed}" / "eval" / "predictions.jsonl").write_text("".join(
+            json.dumps({"model": m, "accuracy": float(r)}) + "\n" for m, rs in models.items() for r in rs))
+    args = argparse.Namespace(eval_data=str(tmp_path / "test.jsonl"), output_dir=str(tmp_path))
+    lines = real.kinds_block(args, [{"seed": 1}, {"seed": 2}], ["grpo"]).splitlines()
+    assert lines[0] == "| model | phrasing a (2) | phrasing b (2) |"
+    assert lines[2:4] == ["| start | 0.000 | 0.500 |", "| grpo | 0.250 (0.000 – 0.500) | 0.750 (0.500 – 1.000) |"]
+    assert lines[5:] == ["| model | level 1 (3) | level 2 (1) |", "|---|---|---|", "| start | 0.333 | 0.000 |",
+                         "| grpo | 0.667 (0.333 – 1.000) | 0.000 |"]
+    (tmp_path / "test.jsonl").write_text((json.dumps({"question": "q", "answer": "1"}) + "\n") * 4)  # no such fields
+    assert real.kinds_block(args, [{"seed": 1}], ["grpo"]) == ""
 
 
 def test_the_bar_is_ten_points_over_the_start_on_every_seed_with_95_percent_ended():
