@@ -25,7 +25,7 @@ def load(name):
 def test_make_arith_reproduces_the_committed_files_byte_for_byte(tmp_path):
     subprocess.run([sys.executable, os.path.join(REAL, "make_arith.py"), "--out", str(tmp_path)], check=True,
                    capture_output=True)
-    for name in SPLITS:
+    for name in (*SPLITS, "arith_sft.jsonl"):
         with open(os.path.join(REAL, name), "rb") as committed:
             assert (tmp_path / name).read_bytes() == committed.read(), name
 
@@ -38,6 +38,18 @@ def test_the_splits_share_no_problem_in_any_phrasing():
     assert len(set(train)) == len(train) and len(set(test)) == len(test)
     assert not set(train) & set(test)
     assert not {r["question"] for r in load("arith_train.jsonl")} & {r["question"] for r in load("arith_test.jsonl")}
+
+
+def test_the_sft_answers_work_each_training_question_out_and_earn_the_accuracy_reward():
+    train, sft = load("arith_train.jsonl"), load("arith_sft.jsonl")
+    assert [d["messages"][0]["content"] for d in sft] == [r["question"] for r in train]
+    for rec, dialogue in zip(train, sft):
+        user, assistant = dialogue["messages"]
+        assert user["role"] == "user" and assistant["role"] == "assistant"
+        a, op, b, eq, result = assistant["content"].split(" ")  # "23 + 45 = 68"
+        assert (op, eq, result) == ({"sum": "+", "difference": "-"}[rec["op"]], "=", rec["answer"])
+        assert sorted([int(a), int(b)]) == sorted(numbers(rec["question"]))
+        assert accuracy(rec["question"], assistant["content"], **rec) == 1.0
 
 
 @pytest.mark.parametrize("name, per_kind", [("arith_train.jsonl", 25), ("arith_test.jsonl", 6)])

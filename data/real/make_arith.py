@@ -7,6 +7,8 @@ Sums and differences in four phrasings and three levels, as MedicalGPT's GRPO re
 
     arith_train.jsonl   600 records (25 for each of the 24 kinds)
     arith_test.jsonl    144 held-out records (6 for each kind), every phrasing and level mixed
+    arith_sft.jsonl     the training questions answered as a teacher would, the sum written out ("23 + 45 = 68"),
+                        as {"messages"} dialogues for train_sft.py: the SFT stage of make real
 
 Each record also says what kind it is, so results can be broken down by it (reward functions get these
 fields too, and ignore them):
@@ -71,8 +73,14 @@ def draw_problem(rng, op, level):
             return a, b, a - b
 
 
+def worked(op, a, b, result):
+    """The answer a teacher writes: the sum or difference written out, then its result ("23 + 45 = 68")."""
+    return f"{a} {'+' if op == 'sum' else '-'} {b} = {result}"
+
+
 def make_split(rng, per_kind, taken):
-    """per_kind records of every kind, each a problem not in `taken` (which it extends)."""
+    """per_kind records of every kind, each a problem not in `taken` (which it extends), and each record's
+    worked answer (a list in the same order)."""
     records = []
     for op, level, phrasing in KINDS:
         for _ in range(per_kind):
@@ -82,10 +90,10 @@ def make_split(rng, per_kind, taken):
             taken.add((op, a, b))
             template = rng.choice(TEMPLATES[op, phrasing])
             question = template.format(a=a, b=b, name=rng.choice(NAMES), name_zh=rng.choice(NAMES_ZH))
-            records.append({"question": question, "answer": str(result), "op": op, "level": level,
-                            "phrasing": phrasing})
+            records.append(({"question": question, "answer": str(result), "op": op, "level": level,
+                             "phrasing": phrasing}, worked(op, a, b, result)))
     rng.shuffle(records)
-    return records
+    return [r for r, _ in records], [w for _, w in records]
 
 
 def write_lines(path, lines):
@@ -99,8 +107,11 @@ def main():
     out = Path(parser.parse_args().out)
     out.mkdir(parents=True, exist_ok=True)
     taken = set()  # the held-out split draws first, so it never depends on the training split
-    splits = {"arith_test": make_split(random.Random(SEED + 1), N_TEST, taken),
-              "arith_train": make_split(random.Random(SEED + 2), N_TRAIN, taken)}
+    test, _ = make_split(random.Random(SEED + 1), N_TEST, taken)
+    train, answers = make_split(random.Random(SEED + 2), N_TRAIN, taken)
+    sft = [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": w}]}
+           for r, w in zip(train, answers)]
+    splits = {"arith_test": test, "arith_train": train, "arith_sft": sft}
     for split, records in splits.items():
         write_lines(out / f"{split}.jsonl", [json.dumps(r, ensure_ascii=False) for r in records])
     total = sum((out / f"{split}.jsonl").stat().st_size for split in splits)
