@@ -77,17 +77,18 @@ real-model:
 	$(PIP) install -q $(CONSTRAINTS) -e ".[gguf]"
 	$(PYTHON) scripts/real_model.py
 
-# docs/real.md: on SmolLM2-135M-Instruct, preference pairs it makes itself, RM -> PPO, GRPO on the program's
-# reward and DPO on the pairs, one seed, judged on the held-out questions; the policies merged in runs/real/seed-1/.
+# docs/real.md: on SmolLM2-135M-Instruct, the seeds' pipeline SFT -> RM -> PPO (SFT on worked answers, preference
+# pairs the SFT model makes itself, a LoRA reward model), GRPO on the program's reward and DPO on the pairs, from
+# the same SFT model, one seed, judged on the held-out questions; the models merged in runs/real/seed-1/.
 real: install-plot
 	@[ -f runs/models/smollm2-135m-instruct/config.json ] || $(MAKE) real-model
 	$(PYTHON) -m nanorlhf.real --seeds 1 --output_dir runs/real
 
-# The same over seeds 1,2,3, with and without an SFT stage, written into docs/real.md (make real's seed 1 is reused).
+# The same over seeds 1,2,3, written into docs/real.md (make real's seed 1 is reused). Without the SFT stage:
+# python -m nanorlhf.real --seeds 1,2,3 --sft_data "" --output_dir runs/real-nosft
 real-seeds: install-plot
 	@[ -f runs/models/smollm2-135m-instruct/config.json ] || $(MAKE) real-model
-	$(PYTHON) -m nanorlhf.real --seeds 1,2,3 --methods ppo,grpo,dpo,sft,sft_grpo --output_dir runs/real \
-	    --page docs/real.md
+	$(PYTHON) -m nanorlhf.real --seeds 1,2,3 --output_dir runs/real --page docs/real.md
 
 test: install-dev
 	$(PYTHON) -m pytest -q tests

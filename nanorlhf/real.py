@@ -4,16 +4,17 @@
     python -m nanorlhf.real --seeds 1,2,3 --page docs/real.md      # make real-seeds: docs/real.md's tables
 
 From the starting model (--model, SmolLM2-135M-Instruct by `make real-model`) on the arithmetic questions of
-data/real/, each seed S runs these stages in OUT/seed-S/, one after the other, each timed (logs/STAGE.log):
+data/real/, each seed S runs the seeds' pipeline, SFT -> RM -> PPO, and its alternatives in OUT/seed-S/, one
+stage after the other, each timed (logs/STAGE.log):
 
-  pairs   python -m nanorlhf.pairs: --samples answers to each of --questions training questions from the starting
-          model, judged by --reward_fn; a right answer over a wrong one (pairs/train.jsonl, held out: eval.jsonl)
-  rm      train_rm.py, LoRA on the starting model, on those pairs; its accuracy on the held-out questions' pairs
-  ppo     train_ppo.py --sft MODEL --rm rm/ (the LoRA reward adapter: one frozen base for all four roles)
+  sft     train_sft.py on --sft_data (the training questions answered as a teacher would: "23 + 45 = 68"), merged
+          into OUT/seed-S/sft: the base every method below starts from (--sft_data "": the starting model is)
+  pairs   python -m nanorlhf.pairs: --samples answers to each of --questions training questions from the base,
+          judged by --reward_fn; a right answer over a wrong one (pairs/train.jsonl, held out: eval.jsonl)
+  rm      train_rm.py, LoRA on the base, on those pairs; its accuracy on the held-out questions' pairs
+  ppo     train_ppo.py --sft BASE --rm rm/ (the LoRA reward adapter: one frozen base for all four roles)
   grpo    train_ppo.py --reward_fn accuracy --advantage_estimator grpo: the program's reward, no reward model
   dpo     train_dpo.py on the same pairs
-  sft, sft_grpo  (--methods; not in make real) SFT on the starting model's own right answers (rejection
-          sampling), and GRPO from that SFT model: does an SFT stage earn its place here?
   merge   merge_lora.py: every trained policy as a model dir named by its method, OUT/seed-S/{ppo,grpo,dpo}
   eval    ONE nanorlhf.evaluate call, the starting model first (so KL is to it), greedy, on --eval_data:
           accuracy (right), readable (commits to exactly one number: the format), ended, length, KL
@@ -44,13 +45,12 @@ from nanorlhf.loading import check_model_dir
 from nanorlhf.metrics import info
 
 ROOT = ablate.ROOT
-METHODS = {  # name: (what it is trained on, the base its adapter is merged into: the start model or a stage)
-    "ppo": ("PPO on the reward model (LoRA RM on its own answers' pairs)", "start"),
-    "grpo": ("GRPO on the program's reward ({judge})", "start"),
-    "dpo": ("DPO on the same pairs", "start"),
-    "sft": ("SFT on its own right answers (rejection sampling)", "start"),
-    "sft_grpo": ("SFT, then GRPO on {judge}", "sft"),
+METHODS = {  # name: what it is trained on, from the base (the SFT model, or the starting model without one)
+    "ppo": "PPO on the reward model (LoRA RM on its own answers' pairs)",
+    "grpo": "GRPO on the program's reward ({judge})",
+    "dpo": "DPO on the same pairs",
 }
+SFT_ROW = "SFT on worked answers (--sft_data)"
 JUDGES = ["nanorlhf.rewards:accuracy", "nanorlhf.rewards:readable"]
 COLUMNS = {"accuracy": "accuracy", "readable": "format (readable)", "arithmetic": "arithmetic (right / readable)",
            "ended": "ended", "response_length": "length", "kl_to_start": "KL to start", "train_s": "train s"}
@@ -63,6 +63,8 @@ def build_parser():
                         help="the starting model (make real-model converts SmolLM2-135M-Instruct)")
     parser.add_argument("--data", default="data/real/arith_train.jsonl", help="training questions {question, answer}")
     parser.add_argument("--eval_data", default="data/real/arith_test.jsonl", help="held-out questions")
+    parser.add_argument("--sft_data", default="data/real/arith_sft.jsonl",
+                        help="dialogues of the SFT stage every method starts from; \"\" for none (RL from --model)")
     parser.add_argument("--output_dir", default="runs/real")
     parser.add_argument("--seeds", default="1", help="comma-separated seeds")
     parser.add_argument("--methods", default="ppo,grpo,dpo", help="comma-separated, from: " + ", ".join(METHODS))
@@ -126,17 +128,33 @@ class Stages:
         info(f"{os.path.basename(self.dir)} {name}: {wall_s:.0f} s")
 
 
+def models(args, methods):
+    """The rows of every table: the starting model, the SFT model (where there is an SFT stage), each method."""
+    return ["start", *(["sft"] if args.sft_data else []), *methods]
+
+
 def run_seed(args, seed, methods):
     """Every stage of one seed; returns its result (also OUT/seed-S/result.json)."""
     d = os.path.join(args.output_dir, f"seed-{seed}")
     stages, py, lora = Stages(d), sys.executable, ["--lora_rank", "16", "--lora_alpha", "32"]
     common = ["--seed", str(seed), "--dtype", args.dtype]
+    base, after_base = args.model, []  # what every method starts from, and the stage that made it
+    if args.sft_data:  # 2 epochs of the worked answers, LoRA r 16 at 2e-4 (docs/real.md: with and without it)
+        base, after_base = os.path.join(d, "sft"), ["merge sft"]
+        trained = os.path.join(d, "train", "sft")
+        stages.run("sft", [py, os.path.join(ROOT, "train_sft.py"), "--model", args.model, "--data", args.sft_data,
+                           "--num_train_epochs", "2", "--per_device_train_batch_size", "8", "--learning_rate", "2e-4",
+                           "--logging_steps", "5", *lora, *common, *shlex.split(args.sft_args),
+                           "--output_dir", trained], trained)
+        stages.run("merge sft", [py, os.path.join(ROOT, "merge_lora.py"), "--base", args.model, "--adapter", trained,
+                                 "--output_dir", base], base, ["sft"])
     pairs = os.path.join(d, "pairs")
-    stages.run("pairs", [py, "-m", "nanorlhf.pairs", "--model", args.model, "--data", args.data, "--output_dir", pairs,
+    stages.run("pairs", [py, "-m", "nanorlhf.pairs", "--model", base, "--data", args.data, "--output_dir", pairs,
                          "--reward_fn", args.reward_fn, "--questions", str(args.questions),
                          "--eval_questions", str(args.eval_questions), "--samples", str(args.samples),
                          "--pairs_per_question", "2", "--temperature", str(args.temperature),
-                         "--max_new_tokens", str(args.response_length), *common, *shlex.split(args.pairs_args)], pairs)
+                         "--max_new_tokens", str(args.response_length), *common, *shlex.split(args.pairs_args)], pairs,
+               after_base)
     held_out = (["--eval_data", os.path.join(pairs, "eval.jsonl")] if nonempty(os.path.join(pairs, "eval.jsonl"))
                 else ["--val_size", "0"])
     # PPO and GRPO: --iterations, LoRA r 16 at 2e-4, 2 PPO epochs (half the default: on a CPU the update is most
@@ -147,42 +165,35 @@ def run_seed(args, seed, methods):
           "--logging_steps", "1", *lora, *common]
     grpo = ["--batch_size", str(args.grpo_batch_size), "--reward_fn", args.reward_fn, "--advantage_estimator", "grpo",
             "--num_samples_per_prompt", str(args.group)]
-    bases = {"start": args.model, "sft": os.path.join(d, "sft")}
     if "ppo" in methods:
         rm = os.path.join(d, "rm")
-        stages.run("rm", [py, os.path.join(ROOT, "train_rm.py"), "--model", args.model, "--data",
+        stages.run("rm", [py, os.path.join(ROOT, "train_rm.py"), "--model", base, "--data",
                           os.path.join(pairs, "train.jsonl"), *held_out, "--output_dir", rm, "--num_train_epochs", "2",
                           "--per_device_train_batch_size", "8", "--learning_rate", "2e-4", "--logging_steps", "5",
                           "--eval_steps", "20", "--normalize_scores", *lora, *common, *shlex.split(args.rm_args)],
                    rm, after=["pairs"])
     train = {  # method: (its training command, the stages it reads from)
         # PPO also logs the accuracy of its sampled answers (weight 0: not rewarded): its curve in the judge's terms
-        "ppo": ([*rl, "--sft", args.model, "--rm", os.path.join(d, "rm"), "--batch_size", str(args.batch_size),
+        "ppo": ([*rl, "--sft", base, "--rm", os.path.join(d, "rm"), "--batch_size", str(args.batch_size),
                  "--reward_fn", args.reward_fn, "--reward_fn_weight", "0", *shlex.split(args.ppo_args)], ["rm"]),
-        "grpo": ([*rl, "--sft", args.model, *grpo, *shlex.split(args.grpo_args)], []),
-        "dpo": ([py, os.path.join(ROOT, "train_dpo.py"), "--model", args.model, "--data",
+        "grpo": ([*rl, "--sft", base, *grpo, *shlex.split(args.grpo_args)], after_base),
+        "dpo": ([py, os.path.join(ROOT, "train_dpo.py"), "--model", base, "--data",
                  os.path.join(pairs, "train.jsonl"), *held_out, "--num_train_epochs", "2",
                  "--per_device_train_batch_size", "8", "--logging_steps", "5", "--eval_steps", "20", *lora, *common,
                  *shlex.split(args.dpo_args)], ["pairs"]),
-        "sft": ([py, os.path.join(ROOT, "train_sft.py"), "--model", args.model, "--data",
-                 os.path.join(pairs, "sft.jsonl"), "--num_train_epochs", "1", "--per_device_train_batch_size", "8",
-                 "--learning_rate", "2e-4", "--logging_steps", "5", *lora, *common, *shlex.split(args.sft_args)],
-                ["pairs"]),
-        "sft_grpo": ([*rl, "--sft", bases["sft"], *grpo, *shlex.split(args.grpo_args)], ["merge sft"]),
     }
     for method in methods:
         argv, after = train[method]
         trained, merged = os.path.join(d, "train", method), os.path.join(d, method)
         stages.run(method, [*argv, "--output_dir", trained], trained, after)
-        base = bases[METHODS[method][1]]
         stages.run(f"merge {method}", [py, os.path.join(ROOT, "merge_lora.py"), "--base", base, "--adapter", trained,
                                        "--output_dir", merged], merged, [method])
     judges = list(dict.fromkeys([*JUDGES, args.reward_fn]))
     stages.run("eval", [py, "-m", "nanorlhf.evaluate", f"start={args.model}",
-                        *[f"{m}={os.path.join(d, m)}" for m in methods], "--data", args.eval_data,
+                        *[f"{m}={os.path.join(d, m)}" for m in models(args, methods)[1:]], "--data", args.eval_data,
                         "--reward_fn", ",".join(judges), "--max_new_tokens", str(args.eval_max_new_tokens),
                         "--seed", str(seed), "--output_dir", os.path.join(d, "eval")],
-               os.path.join(d, "eval"), [f"merge {m}" for m in methods])
+               os.path.join(d, "eval"), [f"merge {m}" for m in models(args, methods)[1:]])
     return seed_result(d, seed, methods, stages.done)
 
 
@@ -227,29 +238,38 @@ def values_of(results, model, key):
     return [r["models"][model][key] for r in results if r["models"][model].get(key) is not None]
 
 
-def results_table(results, methods, reward_fn="nanorlhf.rewards:accuracy"):
-    """Each model's held-out columns: the value (one seed) or mean (min – max) over the seeds."""
+def results_table(results, rows, reward_fn="nanorlhf.rewards:accuracy"):
+    """Each model's held-out columns (rows: models()): the value (one seed) or mean (min – max) over the seeds."""
     judge = reward_fn.rpartition(":")[2]
     lines = ["| model | trained on | " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
-    for model in ["start", *methods]:
-        what = METHODS[model][0].format(judge=judge) if model in METHODS else "- (the starting model)"
+    for model in rows:
+        what = {"start": "- (the starting model)", "sft": SFT_ROW}.get(model) or METHODS[model].format(judge=judge)
         lines.append(f"| {model} | {what} | " + " | ".join((seconds if k == "train_s" else cell)(
             values_of(results, model, k)) for k in COLUMNS) + " |")
     return "\n".join(lines)
 
 
-def verdicts(results, methods):
+def gains(results, method, over):
+    return [r["models"][method]["accuracy"] - r["models"][over]["accuracy"] for r in results]
+
+
+def verdicts(results, rows):
     """For PPO and GRPO, the issue's bar: accuracy at least 0.10 above the starting model's on every seed (so
-    beyond the seeds' spread; greedy, the starting model answers the same on every seed), with >= 95% ended."""
+    beyond the seeds' spread; greedy, the starting model answers the same on every seed), with >= 95% ended.
+    With an SFT stage, also what the RL stage itself added: the gain over the SFT model it started from."""
     lines = []
-    for method in [m for m in ("ppo", "grpo", "sft_grpo") if m in methods]:
-        gains = [r["models"][method]["accuracy"] - r["models"]["start"]["accuracy"] for r in results]
-        ended = min(values_of(results, method, "ended"))
-        met = min(gains) >= 0.10 and ended >= 0.95
-        lines.append(f"- {method}: accuracy {statistics.mean(gains):+.3f} over the "
-                     f"start on average (per seed: {', '.join(f'{g:+.3f}' for g in gains)}), lowest ended share "
-                     f"{ended:.3f}: the bar (+0.10 on every seed, >= 0.95 ended) is {'met' if met else 'not met'}"
-                     + (" (one seed: no spread measured)" if len(results) == 1 else "") + ".")
+    for method in [m for m in ("ppo", "grpo") if m in rows]:
+        over_start, ended = gains(results, method, "start"), min(values_of(results, method, "ended"))
+        met = min(over_start) >= 0.10 and ended >= 0.95
+        line = (f"- {method}: accuracy {statistics.mean(over_start):+.3f} over the start on average (per seed: "
+                f"{', '.join(f'{g:+.3f}' for g in over_start)}), lowest ended share {ended:.3f}: the bar (+0.10 on "
+                f"every seed, >= 0.95 ended) is {'met' if met else 'not met'}"
+                + (" (one seed: no spread measured)" if len(results) == 1 else ""))
+        if "sft" in rows:
+            over_sft = gains(results, method, "sft")
+            line += (f"; over the SFT model it started from: {statistics.mean(over_sft):+.3f} (per seed: "
+                     f"{', '.join(f'{g:+.3f}' for g in over_sft)}), what the RL stage itself added")
+        lines.append(line + ".")
     return "\n".join(lines)
 
 
@@ -282,7 +302,7 @@ def pairs_block(results):
     return block
 
 
-def examples_block(args, results, methods, per_phrasing=1):
+def examples_block(args, results, models, per_phrasing=1):
     """The first held-out question of each phrasing: the starting model's answer and each method's (first seed)."""
     d = os.path.join(args.output_dir, f"seed-{results[0]['seed']}")
     with open(os.path.join(d, "eval", "predictions.jsonl"), encoding="utf-8") as f:
@@ -296,7 +316,6 @@ def examples_block(args, results, methods, per_phrasing=1):
         if seen.get(kind, 0) < per_phrasing:
             seen[kind] = seen.get(kind, 0) + 1
             picked.append(i)
-    models = ["start", *methods]
     by_model = {m: [p for p in predictions if p["model"] == m] for m in models}
 
     def shown(p):
@@ -314,13 +333,12 @@ def examples_block(args, results, methods, per_phrasing=1):
     return "\n".join(lines)
 
 
-def kinds_block(args, results, methods):
+def kinds_block(args, results, models):
     """Accuracy by the held-out records' `phrasing` and `level` fields (make_arith.py's), each model's mean over
     the seeds: which questions a gain came from. Empty for data without those fields."""
     from nanorlhf.data import read_records
 
     records = [rec for _, rec in read_records(args.eval_data)]
-    models = ["start", *methods]
     right = {m: [[0.0] * len(records) for _ in results] for m in models}  # [model][seed][question]
     for s, result in enumerate(results):
         path = os.path.join(args.output_dir, f"seed-{result['seed']}", "eval", "predictions.jsonl")
@@ -361,16 +379,14 @@ def main(argv=None):
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise UserError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
-    if "sft_grpo" in methods and "sft" not in methods:
-        methods.insert(methods.index("sft_grpo"), "sft")  # its base
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise UserError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     check_model_dir(args.model)
-    for path in (args.data, args.eval_data):
-        if not os.path.exists(path):
-            raise UserError(f"{path}: no such file (--data / --eval_data)")
+    for path in (args.data, args.eval_data, args.sft_data):
+        if path and not os.path.exists(path):
+            raise UserError(f"{path}: no such file (--data / --eval_data / --sft_data)")
     if args.page and not os.path.isfile(args.page):
         raise UserError(f"--page {args.page}: no such file")
     if args.eval_questions >= args.questions:
@@ -381,13 +397,14 @@ def main(argv=None):
     results = [run_seed(args, seed, methods) for seed in seeds]
     wall = time.time() - start
 
-    blocks = {"results": results_table(results, methods, args.reward_fn) + "\n\n" + verdicts(results, methods),
-              "kinds": kinds_block(args, results, methods), "pairs": pairs_block(results),
-              "examples": examples_block(args, results, methods),
+    rows = models(args, methods)
+    blocks = {"results": results_table(results, rows, args.reward_fn) + "\n\n" + verdicts(results, rows),
+              "kinds": kinds_block(args, results, rows), "pairs": pairs_block(results),
+              "examples": examples_block(args, results, rows),
               "times": times_block(results)}
     curves = {m: ablate.mean_curve([plots.read_metrics(os.path.join(args.output_dir, f"seed-{s}", "train", m))
                                     for s in seeds], CURVES)
-              for m in methods if m in ("ppo", "grpo", "sft_grpo")}
+              for m in methods if m in ("ppo", "grpo")}
     picture = plots.plot(curves, os.path.join(args.output_dir, "curves.png"), CURVES,
                          title="seed mean; objective/fn_scores: accuracy of the sampled answers")
     heading = (f"Seeds {args.seeds}" if len(seeds) > 1 else f"Seed {seeds[0]}") + (
@@ -405,9 +422,9 @@ def main(argv=None):
             figure = os.path.join(os.path.dirname(args.page), "real_curves.png")
             shutil.copyfile(picture, figure)
             blocks["results"] += f"\n\n![learning curves, seed mean]({os.path.basename(figure)})"
-        blocks["run"] = (f"Measured by `python -m nanorlhf.real {shlex.join(argv)}` in {wall // 60:.0f} min "
-                         f"{wall % 60:.0f} s on {os.cpu_count()} CPU cores ({heading.lower()}; stages finished "
-                         "before are reused, not timed again).")
+        blocks["run"] = (f"Measured by `python -m nanorlhf.real {shlex.join(argv)}` on {os.cpu_count()} CPU cores "
+                         f"({heading.lower()}); this call took {wall // 60:.0f} min {wall % 60:.0f} s, stages "
+                         "finished before reused: each stage's own wall time is under \"Where the time goes\".")
         for name, block in blocks.items():
             text = fill(text, name, block)
         atomic_write_text(args.page, text)

@@ -99,9 +99,10 @@ def row(accuracy, readable, ended=1.0, kl=0.0, length=20.0):
             "response_length": length, "kl_to_start": kl}
 
 
-def seed_result(seed, ppo, grpo, ended=1.0):
+def seed_result(seed, ppo, grpo, ended=1.0, sft=None):
     return {"seed": seed, "models": {"start": row(0.2, 0.5), "ppo": {**row(ppo, 0.8, ended), "train_s": 100.0},
-                                     "grpo": {**row(grpo, 0.9), "train_s": 60.0}},
+                                     "grpo": {**row(grpo, 0.9), "train_s": 60.0},
+                                     **({"sft": {**row(sft, 1.0), "train_s": 300.0}} if sft else {})},
             "stage_s": {"pairs": 30.0, "ppo": 100.0, "grpo": 60.0}, "rm_eval_accuracy": 0.75,
             "pairs": {"questions": 256, "samples_per_question": 4, "right": 0.1, "ended": 0.8,
                       "questions_with_a_pair": 90, "all_right": 1, "all_wrong": 165, "train_pairs": 120,
@@ -109,7 +110,7 @@ def seed_result(seed, ppo, grpo, ended=1.0):
 
 
 def test_the_table_is_the_seed_mean_and_range_and_arithmetic_is_right_among_readable():
-    table = real.results_table([seed_result(1, 0.4, 0.3), seed_result(2, 0.2, 0.5)], ["ppo", "grpo"])
+    table = real.results_table([seed_result(1, 0.4, 0.3), seed_result(2, 0.2, 0.5)], ["start", "ppo", "grpo"])
     assert "| start | - (the starting model) | 0.200 | 0.500 | 0.400 | 1.000 | 20.0 | 0.000 | – |" in table
     assert "| ppo | " in table and "| 0.300 (0.200 – 0.400) | 0.800 | 0.375 (0.250 – 0.500) |" in table
     assert table.splitlines()[3].endswith("| 100 |")  # ppo's train s
@@ -131,21 +132,28 @@ def test_accuracy_by_phrasing_and_level_is_each_models_seed_mean(tmp_path):
         (tmp_path / f"seed-{seed}" / "eval" / "predictions.jsonl").write_text("".join(
             json.dumps({"model": m, "accuracy": float(r)}) + "\n" for m, rs in models.items() for r in rs))
     args = argparse.Namespace(eval_data=str(tmp_path / "test.jsonl"), output_dir=str(tmp_path))
-    lines = real.kinds_block(args, [{"seed": 1}, {"seed": 2}], ["grpo"]).splitlines()
+    lines = real.kinds_block(args, [{"seed": 1}, {"seed": 2}], ["start", "grpo"]).splitlines()
     assert lines[0] == "| model | phrasing a (2) | phrasing b (2) |"
     assert lines[2:4] == ["| start | 0.000 | 0.500 |", "| grpo | 0.250 (0.000 – 0.500) | 0.750 (0.500 – 1.000) |"]
     assert lines[5:] == ["| model | level 1 (3) | level 2 (1) |", "|---|---|---|", "| start | 0.333 | 0.000 |",
                          "| grpo | 0.667 (0.333 – 1.000) | 0.000 |"]
     (tmp_path / "test.jsonl").write_text((json.dumps({"question": "q", "answer": "1"}) + "\n") * 4)  # no such fields
-    assert real.kinds_block(args, [{"seed": 1}], ["grpo"]) == ""
+    assert real.kinds_block(args, [{"seed": 1}], ["start", "grpo"]) == ""
 
 
 def test_the_bar_is_ten_points_over_the_start_on_every_seed_with_95_percent_ended():
-    lines = real.verdicts([seed_result(s, 0.31 + s / 100, 0.25) for s in (1, 2, 3)], ["ppo", "grpo"]).splitlines()
+    results = [seed_result(s, 0.31 + s / 100, 0.25) for s in (1, 2, 3)]
+    lines = real.verdicts(results, ["start", "ppo", "grpo"]).splitlines()
     assert lines[0].startswith("- ppo: accuracy +0.130 ") and "(per seed: +0.120, +0.130, +0.140)" in lines[0]
     assert lines[0].endswith("is met.") and lines[1].endswith("is not met.")
-    assert real.verdicts([seed_result(1, 0.5, 0.5, ended=0.9)], ["ppo"]).endswith(
+    assert real.verdicts([seed_result(1, 0.5, 0.5, ended=0.9)], ["start", "ppo"]).endswith(
         "is not met (one seed: no spread measured).")
+    # after an SFT stage, also what RL added over the SFT model: ppo 0.32, 0.33, 0.34 over sft 0.3, 0.35, 0.3
+    results = [seed_result(s, 0.31 + s / 100, 0.25, sft=v) for s, v in ((1, 0.3), (2, 0.35), (3, 0.3))]
+    line = real.verdicts(results, ["start", "sft", "ppo"])
+    assert "is met; over the SFT model it started from: +0.013 (per seed: +0.020, -0.020, +0.040)" in line
+    assert "| sft | SFT on worked answers (--sft_data) | 0.317 (0.300 – 0.350) |" in real.results_table(
+        results, ["start", "sft", "ppo"])
 
 
 def test_the_page_has_a_placeholder_block_for_each_measurement_and_commands_that_parse():
@@ -200,6 +208,50 @@ def test_a_stage_is_reused_only_with_the_same_command_and_after_what_it_reads_fr
     assert set(json.loads((tmp_path / "stages.json").read_text())) == {"a", "b"}
 
 
+def planned(tmp_path, monkeypatch, *flags):
+    """The commands run_seed would run, in order (name: argv), none of them run."""
+    commands = {}
+
+    class Planned(Exception):
+        pass
+
+    def record(self, name, argv, output, after=()):
+        commands[name] = argv
+        if name == "eval":
+            raise Planned
+
+    monkeypatch.setattr(real.Stages, "run", record)
+    args = real.build_parser().parse_args(["--model", "M", "--output_dir", str(tmp_path), *flags])
+    with pytest.raises(Planned):
+        real.run_seed(args, 1, ["ppo", "grpo", "dpo"])
+    return commands
+
+
+def flag(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+def test_every_method_starts_from_the_sft_model_and_without_sft_data_from_the_starting_model(tmp_path,
+                                                                                                monkeypatch):
+    sft = str(tmp_path / "seed-1" / "sft")
+    commands = planned(tmp_path, monkeypatch)
+    assert list(commands)[:3] == ["sft", "merge sft", "pairs"]
+    assert flag(commands["sft"], "--model") == "M" and flag(commands["sft"], "--data") == "data/real/arith_sft.jsonl"
+    assert flag(commands["merge sft"], "--base") == "M" and flag(commands["merge sft"], "--output_dir") == sft
+    for stage, name in (("pairs", "--model"), ("rm", "--model"), ("ppo", "--sft"), ("grpo", "--sft"),
+                        ("dpo", "--model"), ("merge ppo", "--base"), ("merge grpo", "--base"), ("merge dpo", "--base")):
+        assert flag(commands[stage], name) == sft, stage
+    assert f"sft={sft}" in commands["eval"] and "start=M" in commands["eval"]
+    assert real.models(real.build_parser().parse_args([]), ["ppo"]) == ["start", "sft", "ppo"]
+
+    commands = planned(tmp_path, monkeypatch, "--sft_data", "")
+    assert "sft" not in commands and "merge sft" not in commands
+    for stage, name in (("pairs", "--model"), ("rm", "--model"), ("ppo", "--sft"), ("grpo", "--sft"),
+                        ("dpo", "--model"), ("merge ppo", "--base")):
+        assert flag(commands[stage], name) == "M", stage
+    assert not any(a.startswith("sft=") for a in commands["eval"])
+
+
 TINY = ["--questions", "8", "--eval_questions", "2", "--samples", "4", "--response_length", "6", "--iterations", "1",
         "--batch_size", "8", "--grpo_batch_size", "8", "--group", "4", "--eval_max_new_tokens", "6", "--dtype", "fp32",
         "--pairs_args=--allow_unended", "--rm_args", "--max_steps 1", "--dpo_args", "--max_steps 1",
@@ -217,24 +269,24 @@ def test_every_stage_on_the_tiny_model_leaves_merged_models_a_table_and_the_page
     shutil.copyfile(PAGE, page)
     argv = ["--model", tiny_model_dir, "--output_dir", str(tmp_path / "real"), "--data", TRAIN,
             "--eval_data", str(tmp_path / "test.jsonl"), "--reward_fn", f"{tmp_path}/judge.py:odd",
-            "--methods", "ppo,dpo,sft_grpo", "--page", str(page), *TINY]  # grpo: sft_grpo's command on another base
+            "--methods", "ppo", "--page", str(page), *TINY]  # grpo's and dpo's commands: the planned-commands test
     real.main(argv)
     seed_dir = tmp_path / "real" / "seed-1"
-    for method in ("ppo", "dpo", "sft", "sft_grpo"):  # merged: a plain model dir, no adapter
+    for method in ("sft", "ppo"):  # merged: a plain model dir, no adapter
         assert (seed_dir / method / "config.json").is_file()
         assert not (seed_dir / method / "adapter_config.json").exists()
     assert (seed_dir / "rm" / "adapter_config.json").is_file()
     with open(seed_dir / "eval" / "results.json", encoding="utf-8") as f:
-        assert [r["model"] for r in json.load(f)] == ["start", "ppo", "dpo", "sft", "sft_grpo"]
+        assert [r["model"] for r in json.load(f)] == ["start", "sft", "ppo"]
     result = json.loads((seed_dir / "result.json").read_text())
-    assert set(result["stage_s"]) == {"pairs", "rm", "ppo", "dpo", "sft", "sft_grpo", "eval",
-                                      *(f"merge {m}" for m in ("ppo", "dpo", "sft", "sft_grpo"))}
+    assert set(result["stage_s"]) == {"sft", "pairs", "rm", "ppo", "eval", "merge sft", "merge ppo"}
     assert 0 <= result["rm_eval_accuracy"] <= 1 and result["models"]["start"]["kl_to_start"] == 0
     first = (tmp_path / "real" / "results.md").read_text()
-    assert "| sft_grpo | SFT, then GRPO on odd |" in first and "## examples" in first
+    assert "| ppo | PPO on the reward model (LoRA RM on its own answers' pairs) |" in first and "## examples" in first
+    assert "over the SFT model it started from" in first
     text = page.read_text()
     assert "not measured yet" not in text and "Measured by `python -m nanorlhf.real" in text
-    assert "| sft_grpo | SFT, then GRPO on odd |" in text
+    assert "| sft | SFT on worked answers (--sft_data) |" in text
 
     capsys.readouterr()
     real.main(argv)  # again: every stage reused, the same table
