@@ -188,12 +188,12 @@ def run_seed(args, seed, methods):
         stages.run(method, [*argv, "--output_dir", trained], trained, after)
         stages.run(f"merge {method}", [py, os.path.join(ROOT, "merge_lora.py"), "--base", base, "--adapter", trained,
                                        "--output_dir", merged], merged, [method])
-    judges = list(dict.fromkeys([*JUDGES, args.reward_fn]))
+    judges, trained_models = list(dict.fromkeys([*JUDGES, args.reward_fn])), models(args, methods)[1:]
     stages.run("eval", [py, "-m", "nanorlhf.evaluate", f"start={args.model}",
-                        *[f"{m}={os.path.join(d, m)}" for m in models(args, methods)[1:]], "--data", args.eval_data,
+                        *[f"{m}={os.path.join(d, m)}" for m in trained_models], "--data", args.eval_data,
                         "--reward_fn", ",".join(judges), "--max_new_tokens", str(args.eval_max_new_tokens),
                         "--seed", str(seed), "--output_dir", os.path.join(d, "eval")],
-               os.path.join(d, "eval"), [f"merge {m}" for m in models(args, methods)[1:]])
+               os.path.join(d, "eval"), [f"merge {m}" for m in trained_models])
     return seed_result(d, seed, methods, stages.done)
 
 
