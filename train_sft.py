@@ -21,7 +21,7 @@ from nanorlhf.data import IGNORE, collate_lm, encode_dialogue, read_records, to_
 from nanorlhf.errors import UserError, run_main
 from nanorlhf.loading import check_model_dir, describe, load_tokenizer, setup_model
 from nanorlhf.metrics import check_finite, info
-from nanorlhf.training import lm_backward, lm_loss_sum, optimizer_and_schedule, optimizer_step
+from nanorlhf.training import lm_backward, lm_forward_loss_sum, optimizer_and_schedule, optimizer_step
 
 
 @dataclasses.dataclass
@@ -59,8 +59,7 @@ def evaluate(model, examples, batch_size, pad_id, device):
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate_lm(examples[i:i + batch_size], pad_id).items()}
-        loss_sum, n = lm_loss_sum(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                     batch["labels"])
+        loss_sum, n = lm_forward_loss_sum(model, batch)
         total, count = total + loss_sum.item(), count + n.item()
     model.train()
     return total / max(1, count)

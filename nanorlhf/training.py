@@ -57,8 +57,7 @@ def lm_backward(model, batches, world_size=1):
     n_tokens = dist.sum_over_ranks(sum((b["labels"][:, 1:] != IGNORE).sum().item() for b in batches))
     total = 0.0
     for b in batches:
-        logits = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits
-        loss_sum, _ = lm_loss_sum(logits, b["labels"])
+        loss_sum, _ = lm_forward_loss_sum(model, b)
         (loss_sum / n_tokens * world_size).backward()
         total += loss_sum.item()
     return dist.sum_over_ranks(total) / n_tokens
@@ -99,6 +98,18 @@ def split_validation(examples, val_size, seed):
         raise UserError(f"--val_size {val_size} leaves no training example ({len(examples)} in all)")
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     return [examples[i] for i in sorted(order[n_val:])], [examples[i] for i in sorted(order[:n_val])]
+
+
+def lm_forward_loss_sum(model, batch):
+    """lm_loss_sum of `model` on a batch (input_ids, labels, optionally attention_mask), computing only the
+    logits from the batch's first labelled token on: an SFT prompt's logits are wasted work (with a 49k-150k
+    vocabulary, the output layer and its softmax are a fifth or more of a small model's compute)."""
+    labels = batch["labels"]
+    labelled = (labels[:, 1:] != IGNORE).any(0).nonzero()  # column t-1 of labels[:, 1:] is token t's label
+    keep = labels.size(1) - int(labelled[0]) if len(labelled) else 1  # the logits at t-1 .. end predict t ..
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   logits_to_keep=keep).logits
+    return lm_loss_sum(logits, labels[:, -keep:])
 
 
 def lm_loss_sum(logits, labels):

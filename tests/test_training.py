@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanorlhf.args import BaseArgs
-from nanorlhf.training import lm_loss_sum, micro_batches, total_steps, warmup_cosine
+from nanorlhf.training import lm_forward_loss_sum, lm_loss_sum, micro_batches, total_steps, warmup_cosine
 
 
 # ---------------------------------------------------------------- the schedule
@@ -147,3 +147,43 @@ def test_total_steps_from_epochs_and_accumulation():
     args = BaseArgs(num_train_epochs=2.0, gradient_accumulation_steps=4)
     assert total_steps(args, batches_per_epoch=10) == 5  # ceil(10 * 2 / 4)
     assert total_steps(BaseArgs(max_steps=3), batches_per_epoch=10) == 3
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=23, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("case", ["prompts of different lengths", "every token labelled (PT)", "no label",
+                                  "only the last token", "a label in column 1"])
+def test_lm_forward_loss_sum_equals_the_loss_over_every_logit(case):
+    model = tiny_llama()
+    ids = torch.randint(1, 23, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0  # row 2 right-padded
+    labels = ids.clone()
+    if case == "prompts of different lengths":
+        labels[0, :4], labels[1, :6], labels[2, :3] = -100, -100, -100
+        labels[2, 7:] = -100
+    elif case == "no label":
+        labels[:] = -100
+    elif case == "only the last token":
+        labels[:, :-1] = -100
+    elif case == "a label in column 1":
+        labels[:, :8] = -100
+        labels[1, 1] = ids[1, 1]
+    elif case != "every token labelled (PT)":
+        raise AssertionError(case)
+    kept = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, out: kept.append(out.size(1)))
+    got, n = lm_forward_loss_sum(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    hook.remove()
+    want, want_n = lm_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
+    assert n.item() == want_n.item() == int((labels[:, 1:] != -100).sum())
+    assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+    first = {"prompts of different lengths": 3, "every token labelled (PT)": 1, "no label": 9,
+             "only the last token": 8, "a label in column 1": 1}[case]  # the first labelled column
+    assert kept == [9 - first + 1]  # the logits from the one that predicts it on (no label: one, unused)
