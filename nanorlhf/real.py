@@ -157,11 +157,12 @@ def run_seed(args, seed, methods):
                after_base)
     held_out = (["--eval_data", os.path.join(pairs, "eval.jsonl")] if nonempty(os.path.join(pairs, "eval.jsonl"))
                 else ["--val_size", "0"])
-    # PPO and GRPO: --iterations, LoRA r 16 at 2e-4, 2 PPO epochs (half the default: on a CPU the update is most
-    # of an iteration's time); GRPO: --group answers to each question, so that a group holds a right one more often
+    # PPO and GRPO: --iterations, LoRA r 16 at 2e-4, 1 PPO epoch (each rollout used once: on a CPU the update is most
+    # of an iteration's time; 2 epochs cost make real 4 more minutes, docs/real.md); GRPO: --group answers to each
+    # question, so that a group holds a right one more often
     rl = [py, os.path.join(ROOT, "train_ppo.py"), "--data", args.data, "--num_updates", str(args.iterations),
           "--response_length", str(args.response_length),
-          "--learning_rate", "2e-4", "--temperature", str(args.temperature), "--ppo_epochs", "2",
+          "--learning_rate", "2e-4", "--temperature", str(args.temperature), "--ppo_epochs", "1",
           "--logging_steps", "1", *lora, *common]
     grpo = ["--batch_size", str(args.grpo_batch_size), "--reward_fn", args.reward_fn, "--advantage_estimator", "grpo",
             "--num_samples_per_prompt", str(args.group)]
