@@ -107,8 +107,9 @@ test-fast: install-dev
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
 # nanorlhf vs TRL's PPOTrainer, side by side (trl==1.12.0 is the optional `bench` extra; without it the
-# TRL column says why). Results in bench/results/; see bench/README.md. About 15 min with Qwen2.5-0.5B's
-# architecture; BENCH_ARGS=--quick for the tiny and small models only (about 3 min).
+# TRL column says why). Results in bench/results/; see bench/README.md. About 20 min with Qwen2.5-0.5B's
+# architecture and SmolLM2-135M's real weights (where make real-model converted them); BENCH_ARGS=--quick for
+# the tiny and small models only (about 3 min).
 bench: install-dev
 	-$(PIP) install -q -e ".[bench]"
 	$(PYTHON) bench/run.py $(BENCH_ARGS)

