@@ -89,6 +89,8 @@ class Args(BaseArgs):
     gamma: float = dataclasses.field(default=1.0, metadata={"help": "discount", "range": "[0,1]"})
     lam: float = dataclasses.field(default=0.95, metadata={"help": "GAE lambda", "range": "[0,1]"})
     whiten_advantages: bool = dataclasses.field(default=True, metadata={"help": "whiten advantages per batch"})
+    clamp_stop_advantage: bool = dataclasses.field(default=False, metadata={
+        "help": "never push the end of turn down: its advantage raised to >= 0, after whitening (docs/demo.md)"})
     # update
     ppo_epochs: int = dataclasses.field(default=4, metadata={"help": "passes over each rollout batch", "range": ">0"})
     num_mini_batches: int = dataclasses.field(default=2, metadata={"help": "optimizer steps per PPO epoch",
@@ -320,6 +322,8 @@ def main():
                                                               args.advantage_estimator, args.gamma, args.lam, group)
                 if args.whiten_advantages:
                     advantages = ppo.masked_whiten(advantages, mask, reduce=dist.sum_over_ranks)  # all ranks'
+                if args.clamp_stop_advantage:  # the blame for a bad answer stays off its EOS token
+                    advantages = ppo.clamp_stop_advantages(advantages, mask, ended)
                 rollout["advantages"], rollout["returns"] = advantages, returns
             t_score = time.time()
 

@@ -58,6 +58,7 @@ VARIANTS = {
     "lambda_0": ["--lam", "0.0"],  # one-step TD: the advantage is r_t + V(s_t+1) - V(s_t)
     "no_clip": ["--cliprange", "1e6"],  # no ratio reaches 1e6: the surrogate is never clipped
     "epochs_1": ["--ppo_epochs", "1"],
+    "clamp_stop": ["--clamp_stop_advantage"],  # a bad answer's blame kept off its EOS token (docs/demo.md)
     # the README's first demo's length hack: a cap inside the normal answer length, and nothing lost by a cut
     "no_eos_penalty_48": ["--missing_eos_penalty", "0", "--response_length", "48"],
     "reinforce": ["--advantage_estimator", "reinforce"],

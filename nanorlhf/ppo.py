@@ -23,6 +23,13 @@ def _zero_padding(x, real):
     return torch.where(real, x, torch.zeros_like(x))
 
 
+def _last_real_token(mask):
+    """[B, T] bool: True at each row's last real token (none in a row without real tokens)."""
+    lengths = _real(mask).sum(dim=1)  # real tokens are a prefix, so the last one is at lengths - 1
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return (positions.unsqueeze(0) == (lengths - 1).unsqueeze(1)) & (lengths > 0).unsqueeze(1)
+
+
 def _at_least_float32(x):
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
@@ -135,9 +142,7 @@ def shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, estimator="k1")
     real = _real(mask)
     kl = kl_penalty(_zero_padding(logprobs, real), _zero_padding(ref_logprobs, real), estimator)
     rewards = _zero_padding(-kl_coef * kl, real)
-    lengths = real.sum(dim=1)  # real tokens are a prefix, so the last one is at lengths - 1
-    positions = torch.arange(rewards.shape[1], device=rewards.device)
-    is_last = (positions.unsqueeze(0) == (lengths - 1).unsqueeze(1)) & (lengths > 0).unsqueeze(1)
+    is_last = _last_real_token(mask)
     score_column = scores.to(rewards.dtype).unsqueeze(1).expand_as(rewards)
     return rewards + torch.where(is_last, score_column, torch.zeros_like(rewards))
 
@@ -346,6 +351,22 @@ def estimate_advantages(rewards, values, mask, estimator="gae", gamma=1.0, lam=0
     else:
         raise ValueError(f"unknown advantage estimator {estimator!r}: expected gae, reinforce, rloo or grpo")
     return advantages, advantages
+
+
+def clamp_stop_advantages(advantages, mask, ended):
+    """Never push the end of turn down: advantages [B, T] -> [B, T], the advantage of each ended row's
+    last real token (its EOS; ended [B] bool) raised to 0 where it is negative. Off by default
+    (--clamp_stop_advantage); measured on the demo in docs/demo.md.
+
+    Why: a bad answer's score lands on its EOS token, and there the advantage is score - V(before EOS).
+    A critic that cannot yet tell a bad ending from a good one (the demo's: a second "See a doctor if"
+    sentence looks to it like the first) values the state before EOS too high, so the EOS token takes
+    the largest share of the blame, and the policy learns to stop less after every such sentence.
+    With the clamp the blame stays on the tokens that made the answer bad. The price: stopping too
+    early is no longer pushed down directly, only through the continuations that did better.
+    """
+    is_stop = _last_real_token(mask) & ended.to(torch.bool).unsqueeze(1)
+    return _zero_padding(torch.where(is_stop, advantages.clamp(min=0), advantages), _real(mask))
 
 
 def penalize_scores(scores, ended, missing_eos_penalty=0.0, reward_clip=0.0):

@@ -172,6 +172,8 @@ def tokens_of(seen, args):
     advantages_raw, _ = ppo.estimate_advantages(seen["rewards"], rollout["values"], mask, args.advantage_estimator,
                                                 args.gamma, args.lam, args.num_samples_per_prompt)
     used = ppo.masked_whiten(advantages_raw, mask) if args.whiten_advantages else advantages_raw
+    if args.clamp_stop_advantage:
+        used = ppo.clamp_stop_advantages(used, mask, seen["ended"])
     if not torch.allclose(used, rollout["advantages"], rtol=1e-5, atol=1e-6):
         raise RuntimeError("the trace's advantages differ from train_ppo.py's: step 6 changed, update trace.py")
     t = {key: value.detach().cpu() for key, value in rollout.items()}

@@ -13,6 +13,7 @@ from nanorlhf.ppo import (
     AdaptiveKLController,
     FixedKLController,
     broadcast_to_tokens,
+    clamp_stop_advantages,
     compute_gae,
     entropy_from_logits,
     estimate_advantages,
@@ -576,6 +577,7 @@ FUNCTIONS_OF_PADDED_INPUTS = {
     "value_loss_unclipped": lambda a, b, c, m: loss_and_stats(*value_loss(a, b, c, m, None)),
     "explained_variance": lambda a, b, c, m: (explained_variance(a, b, m),),
     "reinforce_advantages": lambda a, b, c, m: (reinforce_advantages(a, m, gamma=0.9),),
+    "clamp_stop_advantages": lambda a, b, c, m: (clamp_stop_advantages(a, m, SCORES > 0),),
 }
 
 
@@ -640,3 +642,28 @@ def test_penalize_scores_by_hand():
     close(penalize_scores(scores, ended), [1.0, 4.0, -3.0])  # both off
     close(penalize_scores(scores, ended, missing_eos_penalty=1.5), [1.0, 2.5, -4.5])
     close(penalize_scores(scores, ended, missing_eos_penalty=1.5, reward_clip=2.0), [1.0, 2.0, -2.0])
+
+
+def test_clamp_stop_advantages_by_hand():
+    advantages = torch.tensor([[-1.0, 2.0, -3.0], [-2.0, -5.0, 9.0], [-4.0, 7.0, 7.0], [-1.0, -2.0, -3.0],
+                               [1.0, 2.0, 2.5], [-6.0, 1.0, 1.0]])
+    # rows: ended at full length, ended after 2 tokens, EOS first, cut off at full length (never ended),
+    # ended with a positive advantage, empty
+    mask = make_mask([3, 2, 1, 3, 3, 0], num_tokens=3)
+    ended = torch.tensor([True, True, True, False, True, False])
+    close(clamp_stop_advantages(advantages, mask, ended),
+          [[-1.0, 2.0, 0.0], [-2.0, 0.0, 0.0], [0.0, 0.0, 0.0], [-1.0, -2.0, -3.0], [1.0, 2.0, 2.5],
+           [0.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("case", MASK_CASES)
+def test_clamp_stop_advantages_match_loop_reference(case):
+    lengths = MASK_CASES[case]
+    mask, advantages = make_mask(lengths), randn(len(lengths), seed=35)
+    ended = torch.tensor([i % 2 == 0 for i in range(len(lengths))])
+    expected = [[0.0] * T for _ in lengths]
+    for b, n in enumerate(lengths):
+        for t in range(n):
+            is_stop = bool(ended[b]) and t == n - 1
+            expected[b][t] = max(float(advantages[b, t]), 0.0) if is_stop else float(advantages[b, t])
+    close(clamp_stop_advantages(advantages, mask, ended), expected)

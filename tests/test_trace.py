@@ -6,6 +6,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 from conftest import DEMO
 
 from nanorlhf.errors import UserError
@@ -93,6 +94,33 @@ def test_a_line_per_real_token_for_responses_that_end_early_and_that_run_to_the_
         else:
             assert after == []
         assert all(len(line) <= 120 for line in lines)
+
+
+def test_with_clamp_stop_advantage_the_traced_update_uses_no_negative_advantage_on_an_eos(
+        policy_that_ends_early, rm_dir):
+    """The same iteration with --clamp_stop_advantage: trace() checks its own clamped advantages against
+    train_ppo.py's (it raises if they differ); the EOS tokens that had a negative advantage now have 0,
+    every other token keeps its advantage."""
+    def eos_of(t):
+        lengths = (t["response_mask"] > 0).sum(1)
+        return (torch.arange(t["response_mask"].shape[1]) == (lengths - 1).unsqueeze(1)) & t["ended"].unsqueeze(1)
+
+    # Whitened, this toy's EOS advantages come out positive (the random RM's scores sit above its values);
+    # unwhitened, they are score - V(before EOS) + the KL term: the first seed of 0-5 with a negative one
+    for seed in range(6):
+        args, plain, _, _ = trace(flags(policy_that_ends_early, rm_dir, "--no-whiten_advantages", "--seed", seed))
+        if (plain["advantages"][eos_of(plain)] < 0).any():
+            break
+    is_eos, real = eos_of(plain), plain["response_mask"] > 0
+    assert (plain["advantages"][is_eos] < 0).any(), "no batch of seeds 0-5 has an EOS with a negative advantage"
+    _, clamped, comparison, _ = trace(flags(policy_that_ends_early, rm_dir, "--no-whiten_advantages",
+                                            "--seed", args.seed, "--clamp_stop_advantage"))
+    # the rollout is the same (same seed, the clamp acts after it), so the advantages before the clamp are too
+    torch.testing.assert_close(clamped["adv_raw"], plain["adv_raw"])
+    torch.testing.assert_close(clamped["advantages"][is_eos], plain["advantages"][is_eos].clamp(min=0))
+    torch.testing.assert_close(clamped["advantages"][real & ~is_eos], plain["advantages"][real & ~is_eos])
+    pairs = {name: (mine, logged) for name, _, mine, logged in comparison}
+    assert all(math.isclose(mine, logged, rel_tol=1e-6, abs_tol=1e-9) for mine, logged in pairs.values())
 
 
 def test_the_command_prints_the_tables_and_the_totals_of_a_later_iteration_and_draws_them(
