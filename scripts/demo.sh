@@ -50,4 +50,4 @@ figure "SFT vs PPO on the held-out prompts (the table above, drawn)" "$OUT/eval/
 echo "  the table and every answer: $OUT/eval/results.md, $OUT/eval/predictions.jsonl"
 echo "  one PPO iteration, every number per token:"
 echo "    $PY -m nanorlhf.trace --sft $OUT/sft-merged --rm $OUT/rm-merged --data $D/ppo.jsonl \\"
-echo "        --response_length 96 --missing_eos_penalty 5 --plot $OUT/trace.png"
+echo "        --response_length 96 --missing_eos_penalty 5 --clamp_stop_advantage --plot $OUT/trace.png"

@@ -25,7 +25,7 @@ $PY train_ppo.py --sft "$DEMO/sft-merged" --reward_fn nanorlhf.rewards:accuracy 
 $PY -m nanorlhf.plots "$OUT/grpo-rules" --keys objective/fn_scores,objective/kl,val/response_length \
     -o "$OUT/grpo-rules/rule_reward.png"
 
-# The demo's PPO flags; the rubric is in [0, 1], so x10 puts it on the scale of the RM's scores (SFT -8, PPO +3).
+# The demo's PPO flags as docs/rewards.md measured them (before the demo added --clamp_stop_advantage); the rubric is in [0, 1], so x10 puts it on the scale of the RM's scores (SFT -8, PPO +3).
 GOLD=(--reward_fn nanorlhf.rewards:gold --reward_fn_weight 10 --data $D/ppo.jsonl --num_updates 20 --batch_size 16
       --learning_rate 3e-4 --logging_steps 1 --response_length 96 --missing_eos_penalty 5)
 step "2/3 PPO and GRPO on the gold rubric (the demo's flags), merged"

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -36,6 +37,16 @@ def test_every_preset_is_valid_train_ppo_flags_and_keeps_the_responses_per_itera
     train_dpo = load_script("train_dpo")
     assert {name: parse_args(train_dpo.Args, flags).loss_type for name, flags in DPO_VARIANTS.items()} == {
         "dpo": "sigmoid", "simpo": "simpo", "ipo": "ipo", "orpo": "orpo"}
+
+
+def test_the_demos_ppo_flags_are_valid_train_ppo_flags():
+    """scripts/demo_ppo_flags.sh as bash reads it (demo.sh and demo_seeds.sh source it): a typo there would
+    only show in make demo, minutes in."""
+    listed = subprocess.run(["bash", "-c", 'source scripts/demo_ppo_flags.sh && printf "%s\\n" "${PPO_FLAGS[@]}"'],
+                            cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
+    args = parse_args(load_script().Args, listed)
+    assert (args.num_updates, args.response_length, args.missing_eos_penalty) == (20, 96, 5)
+    assert args.clamp_stop_advantage
 
 
 def test_summary_is_mean_and_sd_over_seeds_and_the_curve_a_seed_mean():
